@@ -1,0 +1,36 @@
+"""The prefill-method hook: how a method computes attention for the new tokens of a turn."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+PREFILL_METHODS: dict[str, type["PrefillMethod"]] = {}
+
+
+def register_prefill(cls: type["PrefillMethod"]) -> type["PrefillMethod"]:
+    """Class decorator: make a prefill method available by its `name`."""
+    PREFILL_METHODS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class PrefillMethod:
+    """Computes attention of a turn's new query rows over all cached keys.
+
+    `attend` receives post-RoPE `q` (1, H, n, D) of the n new tokens and `k`, `v`
+    (1, H_kv, N, D): every resident key, the n new ones last. It returns (1, H, n, D).
+    `ctx` is the engine's per-forward `TurnContext` (layer state, stats, positions).
+    """
+
+    name: ClassVar[str] = "base"
+    description: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad knob."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layer_idx: int, scaling: float, ctx) -> torch.Tensor:
+        raise NotImplementedError

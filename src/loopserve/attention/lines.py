@@ -1,0 +1,534 @@
+"""Online selection of attention *lines* for sparse prefill (SPEC section 1, Phase 1).
+
+Vocabulary. The n new tokens of a turn are the query rows; row ``r`` sits at absolute
+position ``pos_r = N - n + r`` among the N keys (cached history + new tokens) and may
+attend keys ``0..pos_r`` (causal). A *vertical line* is a key column ``j``; a *slash
+line* is a diagonal of offset ``o = pos_r - j`` (offset 0 is the main diagonal).
+
+Selection, per input and per head:
+
+1. probe rows are sampled uniformly at random over the whole new input (plus the last
+   few rows), so the estimate is position-agnostic: a question at the start or in the
+   middle of the turn is seen as well as one at the end (:func:`probe_rows`);
+2. the exact causal attention of the probe rows over all keys is computed
+   (:func:`probe_attention`, cost s x N);
+3. lines are chosen by greedy maximum coverage of that probe attention until a
+   fraction ``alpha`` of its mass is covered (:func:`greedy_cover`), on top of forced
+   sink columns and local diagonals.
+
+GQA: by default lines are chosen **per KV head** -- the probe masses of the query heads
+that share a KV head are summed and one pattern serves the whole group. The sparse
+kernel (:mod:`loopserve.attention.sparse`) gathers each KV head's selected keys/values
+once and serves all query heads of the group in one batched matmul; per-query-head
+patterns would multiply the gathers by the group size and break that batching.
+``per_query_head=True`` is available for comparison.
+
+Everything here is a pure tensor function: no model code, no transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "CoverResult",
+    "LinePattern",
+    "a_shape_pattern",
+    "attention_recall",
+    "greedy_cover",
+    "lines_from_topk",
+    "pattern_density",
+    "probe_attention",
+    "probe_rows",
+    "select_lines",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Pattern container
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class LinePattern:
+    """The selected lines of one attention layer for one input of ``n`` new rows over ``N`` keys.
+
+    ``vertical[h]`` holds the sorted key indices (0..N-1) and ``slash[h]`` the sorted
+    offsets (0..N-1) chosen for pattern head ``h``. Pattern heads are KV heads
+    (``per_query_head=False``, the default: one pattern shared by the query heads of a
+    GQA group) or query heads (``per_query_head=True``).
+
+    Diagnostics from the selection: ``probe_idx`` (the probe rows, indices into the new
+    rows) and ``probe_mass`` (per head, fraction of the probe attention mass covered).
+    """
+
+    vertical: list[torch.Tensor]
+    slash: list[torch.Tensor]
+    n: int
+    N: int
+    per_query_head: bool = False
+    probe_idx: torch.Tensor | None = None
+    probe_mass: torch.Tensor | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.vertical) != len(self.slash):
+            raise ValueError("vertical and slash must have one entry per head")
+        if not 0 < self.n <= self.N:
+            raise ValueError(f"need 0 < n <= N, got n={self.n}, N={self.N}")
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.vertical)
+
+    @classmethod
+    def from_lines(
+        cls,
+        vertical_per_head,
+        slash_per_head,
+        n: int,
+        N: int,
+        *,
+        per_query_head: bool = False,
+        **diagnostics,
+    ) -> "LinePattern":
+        """Build a pattern from explicit lines (baselines, tests, hand-made patterns).
+
+        Each entry may be any integer sequence; it is de-duplicated, sorted and clipped
+        to the valid range (keys ``0..N-1``, offsets ``0..N-1``).
+        """
+
+        def clean(lines) -> torch.Tensor:
+            t = torch.as_tensor(lines, dtype=torch.long).flatten()
+            t = t[(t >= 0) & (t < N)]
+            return torch.unique(t)  # sorted
+
+        vertical = [clean(x) for x in vertical_per_head]
+        slash = [clean(x) for x in slash_per_head]
+        return cls(vertical, slash, n, N, per_query_head=per_query_head, **diagnostics)
+
+    def padded(self, sentinel: int = -1):
+        """Padded form ``(vertical, vertical_valid, slash, slash_valid)``.
+
+        ``vertical`` is ``(heads, nv_max)`` with ``sentinel`` in unused slots and
+        ``vertical_valid`` the matching bool mask; same for slashes.
+        """
+
+        def pad(lines: list[torch.Tensor]):
+            width = max((len(x) for x in lines), default=0)
+            out = torch.full((len(lines), width), sentinel, dtype=torch.long)
+            valid = torch.zeros((len(lines), width), dtype=torch.bool)
+            for h, x in enumerate(lines):
+                out[h, : len(x)] = x
+                valid[h, : len(x)] = True
+            return out, valid
+
+        return (*pad(self.vertical), *pad(self.slash))
+
+    def num_lines(self) -> torch.Tensor:
+        """Lines per head (verticals + slashes)."""
+        return torch.tensor([len(v) + len(s) for v, s in zip(self.vertical, self.slash)])
+
+
+# --------------------------------------------------------------------------------------
+# Probe rows and probe attention
+# --------------------------------------------------------------------------------------
+
+
+def probe_rows(
+    n: int,
+    *,
+    n_probe: int | None = None,
+    n_last: int = 8,
+    seed: int = 0,
+    min_probe: int = 64,
+    frac: float = 0.02,
+) -> torch.Tensor:
+    """RandomSelect: the probe rows (sorted indices into the ``n`` new rows).
+
+    ``s = max(min_probe, ceil(frac * n))`` rows (or ``n_probe``) drawn uniformly without
+    replacement from the whole input, so the probe is position-agnostic, plus the last
+    ``n_last`` rows (the first generated token attends from there). If the input is not
+    larger than that, every row is a probe row. Deterministic for a given seed.
+    """
+    s = n_probe if n_probe is not None else max(min_probe, math.ceil(frac * n))
+    n_last = min(max(n_last, 0), n)
+    if n <= s + n_last:
+        return torch.arange(n)
+    head = n - n_last  # the random part never duplicates the forced tail
+    g = torch.Generator().manual_seed(int(seed))
+    sample = torch.randperm(head, generator=g)[:s].sort().values
+    return torch.cat([sample, torch.arange(head, n)])
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int, int, int]:
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError("expected q (H, n, D) and k (H_kv, N, D)")
+    H, n, D = q.shape
+    Hkv, N, Dk = k.shape
+    if Dk != D or H % Hkv or n > N:
+        raise ValueError(f"incompatible shapes q={tuple(q.shape)} k={tuple(k.shape)}")
+    return H, Hkv, n, N, D
+
+
+def probe_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    per_query_head: bool = False,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact causal attention of the probe rows over all N keys, in fp32.
+
+    Returns ``(A, pos)``: ``A`` is ``(B, s, N)`` with B = H_kv (query heads of a group
+    summed, so each row of a head sums to the group size) or B = H if
+    ``per_query_head``; ``pos`` is the absolute position of each probe row.
+    """
+    H, Hkv, n, N, D = _check_shapes(q, k)
+    G = H // Hkv
+    scale = D**-0.5 if scale is None else scale
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    pos = (N - n) + rows
+    s = len(rows)
+    noncausal = torch.arange(N)[None, :] > pos[:, None]  # (s, N)
+    out = []
+    for h in range(Hkv):  # one KV head at a time bounds memory to G*s*N
+        qp = q[h * G : (h + 1) * G, rows].float().reshape(G * s, D)
+        a = (qp @ k[h].float().T).mul_(scale).view(G, s, N)
+        a.masked_fill_(noncausal, float("-inf"))
+        a = torch.softmax(a, dim=-1)
+        out.append(a if per_query_head else a.sum(0, keepdim=True))
+    return torch.cat(out, 0), pos
+
+
+# --------------------------------------------------------------------------------------
+# Greedy maximum coverage
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class CoverResult:
+    """Outcome of :func:`greedy_cover` for B heads.
+
+    ``vertical`` / ``slash`` are bool masks ``(B, N)`` of chosen columns / offsets
+    (forced lines included). ``covered`` and ``total`` are the covered and total probe
+    mass per head. ``picks[b]`` lists the lines in the order they were taken,
+    ``(kind, index)`` with kind 0 = vertical, 1 = slash, forced lines first, and
+    ``gains[b]`` their marginal gains at the time. ``rounds`` counts greedy rounds
+    (type alternations).
+    """
+
+    vertical: torch.Tensor
+    slash: torch.Tensor
+    covered: torch.Tensor
+    total: torch.Tensor
+    picks: list[torch.Tensor]
+    gains: list[torch.Tensor]
+    n_forced: list[int]
+    rounds: int
+
+    @property
+    def fraction(self) -> torch.Tensor:
+        return self.covered / self.total.clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def greedy_cover(
+    A: torch.Tensor,
+    pos: torch.Tensor,
+    *,
+    alpha: float | None = 0.9,
+    max_lines: int | None = None,
+    forced_vertical=None,
+    forced_slash=None,
+    eps: float = 1e-12,
+) -> CoverResult:
+    """Greedy maximum coverage of a probe attention matrix by vertical and slash lines.
+
+    ``A`` is ``(s, N)`` or ``(B, s, N)`` (non-negative; entries above the causal
+    diagonal ``j > pos[r]`` are ignored) and ``pos`` the absolute position of each of the
+    ``s`` rows. Forced lines are taken first; then lines with the largest *marginal*
+    mass are added until the covered mass reaches ``alpha`` of the total (``alpha=None``:
+    no mass target), ``max_lines`` non-forced lines have been taken, or no line has a
+    marginal gain above ``eps`` (relative to the total).
+
+    This is exact greedy, batched. Two verticals never share a cell, nor do two
+    slashes; a vertical ``j`` and a slash ``o`` share exactly the cell of the row with
+    ``pos_r - j == o``. So taking a vertical changes only slash gains (they only drop)
+    and vice versa. Each round sorts the candidates by current gain and takes the
+    leading run of a single type at once: their gains are exact (same type, no
+    interaction) and every line of the other type has gain at most the next one's,
+    which only goes down as the run is taken -- precisely the choices one-at-a-time
+    greedy makes. The run is cut where ``alpha`` is reached, the other type's gains are
+    updated with one vectorised scatter, and the next round starts. Rounds = type
+    alternations, typically a few dozen; all heads advance together.
+    """
+    squeeze = A.dim() == 2
+    if squeeze:
+        A = A[None]
+    B, s, N = A.shape
+    pos = torch.as_tensor(pos, dtype=torch.long)
+    if pos.shape != (s,):
+        raise ValueError("pos must hold one position per row of A")
+    if int(pos.max()) >= N or int(pos.min()) < 0:
+        raise ValueError("row positions must lie in 0..N-1")
+
+    cols = torch.arange(N)
+    causal = cols[None, :] <= pos[:, None]  # (s, N)
+    A = torch.where(causal, A.float(), 0.0)
+    # S[b, r, o] = A[b, r, pos_r - o]: the same cells indexed by offset instead of column.
+    key_of = (pos[:, None] - cols[None, :]).clamp_min(0)  # (s, N): key of (row, offset)
+    S = torch.where(causal, A.gather(2, key_of.expand(B, s, N)), 0.0)
+    # Column-major copies: taking line x reads the s cells of that line contiguously.
+    A_t = A.transpose(1, 2).contiguous()  # (B, N, s)
+    S_t = S.transpose(1, 2).contiguous()
+
+    # Gains in fp64: incremental subtraction then drifts ~1e-16, far below eps.
+    vgain = A.sum(1, dtype=torch.float64)
+    sgain = S.sum(1, dtype=torch.float64)
+    total = vgain.sum(1)
+    tol = eps * total.clamp_min(torch.finfo(torch.float64).tiny)
+    covered = torch.zeros(B, dtype=torch.float64)
+    vmask = torch.zeros(B, N, dtype=torch.bool)
+    smask = torch.zeros(B, N, dtype=torch.bool)
+    neg_inf = float("-inf")
+    log: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
+
+    def take(kind: int, b: torch.Tensor, x: torch.Tensor) -> None:
+        """Take lines ``x`` (of one kind) in heads ``b``; update the other kind's gains."""
+        own, other, own_mask, cells = (
+            (vgain, sgain, vmask, A_t) if kind == 0 else (sgain, vgain, smask, S_t)
+        )
+        gain = own[b, x].clamp_min(0.0)
+        log.append((b, kind, x, gain))
+        covered.index_add_(0, b, gain)
+        own[b, x] = neg_inf  # never taken again
+        own_mask[b, x] = True
+        # Vertical j meets slash pos_r - j in row r; slash o meets vertical pos_r - o.
+        # Out-of-range intersections carry zero mass, so clamping them to 0 is harmless.
+        other_idx = (pos[None, :] - x[:, None]).clamp_min(0) + b[:, None] * N
+        other.view(-1).index_add_(0, other_idx.flatten(), cells[b, x].flatten().double().neg())
+
+    def take_forced(kind: int, lines) -> int:
+        if lines is None:
+            return 0
+        x = torch.as_tensor(lines, dtype=torch.long).flatten()
+        x = torch.unique(x[(x >= 0) & (x < N)])
+        if len(x):
+            take(kind, torch.arange(B).repeat_interleave(len(x)), x.repeat(B))
+        return len(x)
+
+    n_forced = take_forced(0, forced_vertical) + take_forced(1, forced_slash)
+
+    target = total * alpha if alpha is not None else torch.full_like(total, math.inf)
+    lines_left = torch.full((B,), max_lines if max_lines is not None else 2 * N + 1)
+    rounds = 0
+    while True:
+        vmax, smax = vgain.max(1).values, sgain.max(1).values
+        active = (covered < target) & (torch.maximum(vmax, smax) > tol) & (lines_left > 0)
+        if not bool(active.any()):
+            break
+        rounds += 1
+        lead_v = vmax >= smax
+        cand = torch.where(lead_v[:, None], vgain, sgain)
+        bound = torch.where(lead_v, smax, vmax)  # best gain of the other kind
+        run = (cand >= bound[:, None]) & (cand > tol[:, None]) & active[:, None]
+        run_len = run.sum(1)
+        gain, idx = cand.topk(int(run_len.max()), dim=1)  # sorted, descending
+        rank = torch.arange(gain.shape[1])[None, :]
+        in_run = rank < run_len[:, None]
+        before = torch.cumsum(torch.where(in_run, gain, 0.0), 1) - gain
+        accept = in_run & (before < (target - covered)[:, None]) & (rank < lines_left[:, None])
+        lines_left -= accept.sum(1)
+        b, r = accept.nonzero(as_tuple=True)  # row-major: each head's run in gain order
+        x = idx[b, r]
+        is_v = lead_v[b]
+        if bool(is_v.any()):
+            take(0, b[is_v], x[is_v])
+        if not bool(is_v.all()):
+            take(1, b[~is_v], x[~is_v])
+
+    # Per-head pick order: stable sort of the log by head keeps the taking order.
+    bs = torch.cat([e[0] for e in log]) if log else torch.zeros(0, dtype=torch.long)
+    kinds = torch.cat([torch.full_like(e[0], e[1]) for e in log]) if log else bs
+    xs = torch.cat([e[2] for e in log]) if log else bs
+    gs = torch.cat([e[3] for e in log]) if log else bs.double()
+    order = torch.sort(bs, stable=True).indices
+    counts = torch.bincount(bs, minlength=B).tolist()
+    picks = list(torch.stack([kinds[order], xs[order]], 1).split(counts))
+    gains = list(gs[order].split(counts))
+
+    result = CoverResult(vmask, smask, covered, total, picks, gains, [n_forced] * B, rounds)
+    if squeeze:
+        result.vertical, result.slash = vmask[0], smask[0]
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# Public selection entry points
+# --------------------------------------------------------------------------------------
+
+
+def select_lines(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    alpha: float = 0.9,
+    n_probe: int | None = None,
+    n_last: int = 8,
+    sinks: int = 4,
+    local: int = 64,
+    seed: int = 0,
+    probe_idx: torch.Tensor | None = None,
+    per_query_head: bool = False,
+    scale: float | None = None,
+) -> LinePattern:
+    """LoopServe Phase 1 selection: probe rows -> probe attention -> greedy coverage.
+
+    ``q`` is ``(H, n, D)`` (post-RoPE queries of the n new tokens), ``k`` is
+    ``(H_kv, N, D)`` (all keys, history first). Lines are chosen per KV head unless
+    ``per_query_head``. The first ``sinks`` columns and the ``local`` smallest offsets
+    are always included. ``probe_idx`` overrides the random probe rows.
+    """
+    H, Hkv, n, N, D = _check_shapes(q, k)
+    rows = (
+        probe_rows(n, n_probe=n_probe, n_last=n_last, seed=seed)
+        if probe_idx is None
+        else torch.as_tensor(probe_idx, dtype=torch.long).unique()
+    )
+    A, pos = probe_attention(q, k, rows, per_query_head=per_query_head, scale=scale)
+    cover = greedy_cover(
+        A,
+        pos,
+        alpha=alpha,
+        forced_vertical=torch.arange(min(sinks, N)),
+        forced_slash=torch.arange(min(local, N)),
+    )
+    vertical = [m.nonzero().flatten() for m in cover.vertical]
+    slash = [m.nonzero().flatten() for m in cover.slash]
+    return LinePattern(
+        vertical,
+        slash,
+        n,
+        N,
+        per_query_head=per_query_head,
+        probe_idx=rows,
+        probe_mass=cover.fraction.float(),
+        meta={"alpha": alpha, "rounds": cover.rounds},
+    )
+
+
+def lines_from_topk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    n_vertical: int,
+    n_slash: int,
+    last_q: int = 64,
+    sinks: int = 30,
+    local: int = 100,
+    per_query_head: bool = False,
+    scale: float | None = None,
+) -> LinePattern:
+    """MInference-style vertical-slash baseline.
+
+    Estimates line masses from the attention of the last ``last_q`` new rows only (the
+    tail bias LoopServe avoids) and keeps the top ``n_vertical`` columns and top
+    ``n_slash`` offsets by raw mass (no marginal gains), plus ``sinks`` forced columns
+    and ``local`` forced diagonals (MInference defaults 30 and 100).
+    """
+    H, Hkv, n, N, D = _check_shapes(q, k)
+    rows = torch.arange(max(0, n - last_q), n)
+    A, pos = probe_attention(q, k, rows, per_query_head=per_query_head, scale=scale)
+    cols = torch.arange(N)
+    key_of = (pos[:, None] - cols[None, :]).clamp_min(0)
+    vmass = A.sum(1)
+    smass = torch.where(cols[None, :] <= pos[:, None], A.gather(2, key_of.expand_as(A)), 0).sum(1)
+    vmass[:, : min(sinks, N)] = math.inf
+    smass[:, : min(local, N)] = math.inf
+    nv = min(N, n_vertical + min(sinks, N))
+    ns = min(N, n_slash + min(local, N))
+    vertical = [x.topk(nv).indices for x in vmass]
+    slash = [x.topk(ns).indices for x in smass]
+    return LinePattern.from_lines(vertical, slash, n, N, per_query_head=per_query_head)
+
+
+def a_shape_pattern(n_heads: int, n: int, N: int, *, sinks: int = 4, local: int = 1024) -> LinePattern:
+    """A-shape (StreamingLLM-style prefill) baseline: sink columns plus a local band."""
+    v = torch.arange(min(sinks, N))
+    s = torch.arange(min(local, N))
+    return LinePattern.from_lines([v] * n_heads, [s] * n_heads, n, N)
+
+
+# --------------------------------------------------------------------------------------
+# Diagnostics
+# --------------------------------------------------------------------------------------
+
+
+def pattern_density(pattern: LinePattern, n: int | None = None, N: int | None = None) -> float:
+    """Fraction of the causal cells (n new rows over N keys) the pattern covers.
+
+    Counts the union: a vertical/slash intersection is counted once; only causal cells
+    count. Averaged over pattern heads. Exact, O((nv + ns) log) per head.
+    """
+    n = pattern.n if n is None else n
+    N = pattern.N if N is None else N
+    off = N - n
+    causal_cells = n * off + n * (n + 1) // 2
+    fractions = []
+    for v, s in zip(pattern.vertical, pattern.slash):
+        v = v[v < N]
+        s = s[s < N]
+        # Column j is attended by rows with pos >= j; diagonal o exists in rows with pos >= o.
+        v_cells = (n - (v - off).clamp_min(0)).sum()
+        s_cells = (n - (s - off).clamp_min(0)).sum()
+        # Vertical j and slash o meet iff some row has pos = j + o, i.e. off <= j + o <= N-1.
+        lo = torch.searchsorted(s, (off - v).clamp_min(0))
+        hi = torch.searchsorted(s, N - 1 - v, right=True)
+        both = (hi - lo).clamp_min(0).sum()
+        fractions.append(float(v_cells + s_cells - both) / causal_cells)
+    return sum(fractions) / max(len(fractions), 1)
+
+
+def pattern_mask(pattern: LinePattern, head: int, rows: torch.Tensor) -> torch.Tensor:
+    """Bool mask ``(len(rows), N)`` of the pattern's causal cells for the given new rows.
+
+    Materialises one row per requested row: meant for tests and diagnostics on a few rows.
+    """
+    N, off = pattern.N, pattern.N - pattern.n
+    pos = off + torch.as_tensor(rows, dtype=torch.long)
+    mask = torch.zeros(len(pos), N, dtype=torch.bool)
+    mask[:, pattern.vertical[head]] = True
+    keys = pos[:, None] - pattern.slash[head][None, :]
+    r = torch.arange(len(pos))[:, None].expand_as(keys)
+    ok = keys >= 0
+    mask[r[ok], keys[ok]] = True
+    return mask & (torch.arange(N)[None, :] <= pos[:, None])
+
+
+def attention_recall(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    pattern: LinePattern,
+    rows: torch.Tensor,
+    *,
+    scale: float | None = None,
+) -> float:
+    """Fraction of the dense attention mass of ``rows`` that falls inside the pattern.
+
+    Dense causal attention is computed for the given new rows only (use rows outside
+    the probe set for an unbiased estimate); the recall is averaged over query heads.
+    """
+    H, Hkv, n, N, D = _check_shapes(q, k)
+    G = H // Hkv
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    A, _ = probe_attention(q, k, rows, per_query_head=True, scale=scale)  # (H, r, N)
+    recalls = []
+    for h in range(H):
+        ph = h if pattern.per_query_head else h // G
+        mask = pattern_mask(pattern, ph, rows)
+        recalls.append(float((A[h] * mask).sum() / A[h].sum()))
+    return sum(recalls) / H

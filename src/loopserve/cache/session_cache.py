@@ -1,0 +1,210 @@
+"""The session KV cache: a full KV store per layer plus an optional compact *active view*.
+
+It is a transformers `Cache` built from our own `CacheLayerMixin` subclass, so models use it
+through the public API (`model(..., cache=SessionCache(...))`) with no patching.
+
+Why a custom layer rather than `DynamicLayer`:
+- `DynamicLayer` grows by `torch.cat` at every step, an O(N) copy per generated token. The
+  store here grows by doubling, so appending one token is O(1) amortised; the dense
+  baseline benefits from this too, which keeps the dense-vs-ours comparison fair.
+- Phase 2 (and the KV baselines) decode over a *selection* of the input tokens. `update()`
+  then returns a compact gathered tensor (selected keys + this turn's generated keys), so
+  decode attention does not touch, or mask, the full-length tensor at all.
+- `bounded` mode evicts tokens per KV head, so every layer keeps the absolute positions of
+  what it holds (`positions`, shape (H_kv, N)).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+def _grown(buf: torch.Tensor, need: int) -> torch.Tensor:
+    """Return `buf` (..., cap, D) with capacity >= need along dim -2, doubling to amortise."""
+    cap = buf.shape[-2]
+    if need <= cap:
+        return buf
+    new_cap = max(need, 2 * cap, 64)
+    out = buf.new_empty(*buf.shape[:-2], new_cap, buf.shape[-1])
+    out[..., :cap, :] = buf
+    return out
+
+
+class SessionLayer(CacheLayerMixin):
+    """One layer's KV: a store of `length` tokens per KV head, plus an optional active view."""
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.length = 0  # tokens resident per KV head
+        self._k = self._v = None  # (1, H_kv, cap, D)
+        self._pos = None  # (H_kv, cap) absolute positions of resident tokens
+        # Active view (decode over a selection): indices into the store, per KV head.
+        self.view_idx: torch.Tensor | None = None  # (H_kv, L) long
+        self._vk = self._vv = None  # compact gathered keys/values (1, H_kv, cap, D)
+        self.view_len = 0
+
+    # -- CacheLayerMixin API -------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        if b != 1:
+            raise ValueError("SessionCache holds one conversation: batch size must be 1")
+        self.device = key_states.device
+        self._k = key_states.new_empty(1, h, 0, d)
+        self._v = value_states.new_empty(1, h, 0, value_states.shape[-1])
+        self._pos = torch.empty(h, 0, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        start = self.length
+        self._k = _grown(self._k, start + n)
+        self._v = _grown(self._v, start + n)
+        self._k[..., start : start + n, :] = key_states
+        self._v[..., start : start + n, :] = value_states
+        if self._pos.shape[1] < start + n:
+            pos = self._pos.new_empty(self._pos.shape[0], max(start + n, 2 * self._pos.shape[1], 64))
+            pos[:, :start] = self._pos[:, :start]
+            self._pos = pos
+        next_pos = int(self._pos[0, start - 1]) + 1 if start > 0 else 0
+        self._pos[:, start : start + n] = torch.arange(next_pos, next_pos + n, device=self.device)
+        self.length = start + n
+        if self.view_idx is None:
+            return self.keys, self.values
+        # Active view: new tokens are always attended (they are this turn's own tokens).
+        m = self.view_len
+        self._vk = _grown(self._vk, m + n)
+        self._vv = _grown(self._vv, m + n)
+        self._vk[..., m : m + n, :] = key_states
+        self._vv[..., m : m + n, :] = value_states
+        new_idx = torch.arange(start, start + n, device=self.device).expand(self.view_idx.shape[0], n)
+        self.view_idx = torch.cat([self.view_idx, new_idx], dim=1)
+        self.view_len = m + n
+        return self._vk[..., : self.view_len, :], self._vv[..., : self.view_len, :]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last `-tokens_to_remove` logical tokens (transformers' negative convention)."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        if tokens_to_remove == 0 or not self.is_initialized or self.length == 0:
+            return
+        cut = self.next_position + tokens_to_remove  # first absolute position to drop
+        keep = self._pos[:, : self.length] < cut
+        counts = keep.sum(dim=1)
+        if not bool((counts == counts[0]).all()) or not bool(keep[:, : int(counts[0])].all()):
+            raise RuntimeError("cannot crop into tokens evicted differently per head")
+        self.length = int(counts[0])
+        self.clear_view()
+
+    # -- store access ----------------------------------------------------------------
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._k[..., : self.length, :]
+
+    @keys.setter
+    def keys(self, value):  # CacheLayerMixin.__init__ assigns None
+        pass
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._v[..., : self.length, :]
+
+    @values.setter
+    def values(self, value):
+        pass
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(H_kv, N) absolute positions of the resident tokens."""
+        return self._pos[:, : self.length]
+
+    @property
+    def next_position(self) -> int:
+        return int(self._pos[0, self.length - 1]) + 1 if self.length else 0
+
+    @property
+    def nbytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        per_token = self._k.shape[1] * (self._k.shape[-1] * self._k.element_size() + self._v.shape[-1] * self._v.element_size())
+        return self.length * per_token
+
+    @property
+    def active_tokens(self) -> int:
+        """Tokens attended per KV head at the next decode step."""
+        return self.view_len if self.view_idx is not None else self.length
+
+    # -- selection -------------------------------------------------------------------
+    def set_view(self, idx: torch.Tensor) -> None:
+        """Attend only to store indices `idx` (H_kv, L), sorted per head, from now on."""
+        idx = idx.to(self.device, torch.long)
+        h, L = idx.shape
+        gather = idx.view(1, h, L, 1)
+        self._vk = torch.gather(self.keys, 2, gather.expand(1, h, L, self._k.shape[-1]))
+        self._vv = torch.gather(self.values, 2, gather.expand(1, h, L, self._v.shape[-1]))
+        self.view_idx = idx
+        self.view_len = L
+
+    def clear_view(self) -> None:
+        self.view_idx = None
+        self._vk = self._vv = None
+        self.view_len = 0
+
+    def keep_only(self, idx: torch.Tensor) -> None:
+        """Evict everything but store indices `idx` (H_kv, M), per head (bounded mode)."""
+        idx = idx.to(self.device, torch.long).sort(dim=1).values
+        h, M = idx.shape
+        g = idx.view(1, h, M, 1)
+        self._k = torch.gather(self.keys, 2, g.expand(1, h, M, self._k.shape[-1])).contiguous()
+        self._v = torch.gather(self.values, 2, g.expand(1, h, M, self._v.shape[-1])).contiguous()
+        self._pos = torch.gather(self.positions, 1, idx).contiguous()
+        self.length = M
+        self.clear_view()
+
+
+class SessionCache(Cache):
+    """A `Cache` of `SessionLayer`s, one per decoder layer."""
+
+    def __init__(self, num_layers: int):
+        super().__init__(layers=[SessionLayer() for _ in range(num_layers)])
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        # Logical length (absolute position of the next token), not the resident count, so
+        # that positions keep counting up after bounded-mode eviction.
+        return self.layers[layer_idx].next_position if layer_idx < len(self.layers) else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def resident_tokens(self) -> int:
+        return max((layer.length for layer in self.layers), default=0)
+
+    @property
+    def active_tokens(self) -> int:
+        """Mean over layers of the tokens attended per KV head at decode."""
+        if not self.layers:
+            return 0
+        return round(sum(layer.active_tokens for layer in self.layers) / len(self.layers))
+
+    def clear_views(self) -> None:
+        for layer in self.layers:
+            layer.clear_view()

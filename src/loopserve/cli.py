@@ -1,0 +1,187 @@
+"""The `loopserve` command: chat, demo, methods, bench ..., serve."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _knobs(pairs: list[str] | None) -> dict:
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise SystemExit(f"error: --knob expects NAME=VALUE, got {p!r}")
+        k, v = p.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _engine(args):
+    from .engine import Engine
+    from .models import load_model
+
+    loaded = load_model(args.model, dtype=args.dtype)
+    return Engine(loaded, method=args.method, knobs=_knobs(args.knob))
+
+
+def _model_args(p: argparse.ArgumentParser, method: str = "dense") -> None:
+    p.add_argument("--model", default="smollm2", help="smollm2 (default), tiny-llama|tiny-qwen2|tiny-qwen3, or a local HF folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--method", default=method, help="method name (see `loopserve methods`), or PREFILL+DECODE")
+    p.add_argument("--knob", action="append", metavar="NAME=VALUE", help="method knob, repeatable (e.g. alpha=0.9)")
+
+
+def cmd_chat(args) -> int:
+    from rich.console import Console
+
+    from .engine import SamplingParams
+
+    con = Console()
+    engine = _engine(args)
+    session = engine.new_session(system_prompt=args.system)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    con.print("[bold]loopserve chat[/] - /reset clears the conversation, /stats shows per-turn stats, /quit exits")
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            con.print()
+            return 0
+        cmd = line.strip()
+        if cmd in ("/quit", "/exit"):
+            return 0
+        if cmd == "/reset":
+            session.reset()
+            con.print("[dim]conversation cleared[/]")
+            continue
+        if cmd == "/stats":
+            for i, t in enumerate(session.turns, 1):
+                con.print(f"turn {i}: prefill {t.prefill_tokens} (cached {t.cached_tokens}), TTFT {t.ttft_s:.2f}s, "
+                          f"TPOT {t.tpot_s * 1000:.0f}ms, KV {t.kv_tokens} tokens / {t.kv_bytes / 2**20:.1f} MiB")
+            continue
+        try:
+            stream = session.stream(line, params)
+        except ValueError as e:
+            con.print(f"[red]error:[/] {e}")
+            continue
+        con.print("bot> ", end="")
+        for delta in stream:
+            con.print(delta, end="", soft_wrap=True, highlight=False, markup=False)
+        con.print()
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(_engine(args), context=args.context, max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from .engine import describe_methods
+
+    rows = describe_methods()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="LoopServe methods (pair any prefill with any decode method as PREFILL+DECODE)")
+    for c in ("name", "phase", "description"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["name"], r["phase"], r["description"])
+    Console().print(t)
+    return 0
+
+
+def _emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=result.get("benchmark", "result"))
+    t.add_column("field")
+    t.add_column("value", justify="right")
+    for k, v in result.items():
+        if not isinstance(v, (list, dict)):
+            t.add_row(k, str(v))
+    Console(stderr=True).print(t)
+    print(json.dumps(result))
+
+
+def _progress(desc: str):
+    from tqdm import tqdm
+
+    bar = {"b": None}
+
+    def update(done: int, total: int) -> None:
+        if bar["b"] is None:
+            bar["b"] = tqdm(total=total, desc=desc, file=sys.stderr)
+        bar["b"].n = done
+        bar["b"].refresh()
+        if done >= total:
+            bar["b"].close()
+
+    return update
+
+
+def cmd_bench_kv_reuse(args) -> int:
+    from .bench.kv_reuse import run_kv_reuse
+
+    _emit(run_kv_reuse(_engine(args), args.context, runs=args.runs, progress=_progress("kv-reuse")), args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="loopserve", description="LoopServe: fast long multi-turn LLM inference")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat with streaming")
+    _model_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("demo", help="scripted 3-turn conversation: KV reuse vs re-prefill")
+    _model_args(p)
+    p.add_argument("--context", type=int, default=4000)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("methods", help="list prefill and decode methods")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_methods)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
+    p = bench.add_parser("kv-reuse", help="turn-3 TTFT: KV reuse vs re-prefilling the history")
+    _model_args(p)
+    p.add_argument("--context", type=int, default=4000)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print only the JSON object")
+    p.set_defaults(func=cmd_bench_kv_reuse)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Binds LoopServe into transformers through its public attention and mask interfaces.
+
+`AttentionInterface.register("loopserve", ...)` makes every attention layer call
+`loopserve_attention`, which dispatches to the session's prefill method (q_len > 1) or
+runs decode attention over whatever the cache layer returned (the full store or a compact
+selected view), then lets the decode method observe the step. The mask interface gets a
+matching "loopserve" entry that builds no mask: batch size is 1 with no padding, and each
+method enforces causality from positions itself, so an (n x N) mask is never built.
+
+Per-forward state arrives as the `loopserve_ctx` keyword, which transformers forwards from
+`model(...)` down to the attention function. Without it (e.g. `model.generate()` on the
+same model), attention is plain dense causal attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from ..attention.dense import dense_attention
+
+ATTN_NAME = "loopserve"
+
+
+@dataclass
+class TurnContext:
+    """What per-turn selection needs inside every attention call of one forward pass."""
+
+    cache: object  # SessionCache
+    prefill: object  # PrefillMethod
+    decode: object  # DecodeMethod
+    q_start: int = 0  # absolute position of the first query token of this forward
+    input_end: int = 0  # absolute position just after this turn's input (history + new input)
+    num_layers: int = 0
+    # Per-layer scratch space that methods keep for the duration of a turn.
+    layer_state: list[dict] = field(default_factory=list)
+    # Per-turn diagnostics methods report (e.g. prefill density per layer).
+    stats: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.layer_state:
+            self.layer_state = [{} for _ in range(self.num_layers)]
+
+    def positions(self, n: int, device=None) -> torch.Tensor:
+        """Absolute positions of the n query tokens of the current forward."""
+        return torch.arange(self.q_start, self.q_start + n, device=device)
+
+    def record(self, key: str, value: float) -> None:
+        self.stats.setdefault(key, []).append(float(value))
+
+
+def loopserve_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    ctx: TurnContext | None = kwargs.get("loopserve_ctx")
+    layer_idx = module.layer_idx
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if ctx is None:
+        out = dense_attention(query, key, value, scaling)
+    elif query.shape[-2] > 1:
+        out = ctx.prefill.attend(query, key, value, layer_idx=layer_idx, scaling=scaling, ctx=ctx)
+        ctx.decode.observe_prefill(ctx, layer_idx, query, key)
+    else:
+        # The cache layer already returned the active view (full store or compact selection).
+        out = dense_attention(query, key, value, scaling)
+        ctx.decode.observe_decode(ctx, layer_idx, query, ctx.cache.layers[layer_idx])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def no_mask(*args, **kwargs):
+    """Mask function for the 'loopserve' implementation: causality is enforced in attention."""
+    return None
+
+
+_registered = False
+
+
+def register() -> str:
+    global _registered
+    if not _registered:
+        AttentionInterface.register(ATTN_NAME, loopserve_attention)
+        AttentionMaskInterface.register(ATTN_NAME, no_mask)
+        _registered = True
+    return ATTN_NAME
+
+
+def install(model) -> None:
+    """Route `model`'s attention through LoopServe (idempotent)."""
+    register()
+    if model.config._attn_implementation != ATTN_NAME:
+        model.set_attn_implementation(ATTN_NAME)

@@ -1,0 +1,108 @@
+"""The method registry: binds a prefill attention method and a decode KV method by name.
+
+A method name is either a registered prefill or decode method on its own (the other phase
+is dense), a combined name such as `loopserve` (both phases), or an explicit pairing
+`PREFILL+DECODE`, e.g. `minference+snapkv`. Knobs are routed to whichever phase declares
+them; an unknown method or knob is a ValueError that lists what exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+
+from ..attention.base import PREFILL_METHODS, PrefillMethod
+from ..cache.base import DECODE_METHODS, DecodeMethod
+
+# Method modules register themselves on import (kvpress-style: one file per method).
+_BUILTIN_MODULES = [
+    "loopserve.attention.dense",
+    "loopserve.cache.base",
+]
+
+# Names that bind both phases at once.
+COMBINED: dict[str, tuple[str, str]] = {"dense": ("dense", "dense")}
+
+
+def _load_builtins() -> None:
+    for mod in _BUILTIN_MODULES:
+        importlib.import_module(mod)
+
+
+@dataclass
+class BoundMethod:
+    name: str
+    prefill: PrefillMethod
+    decode: DecodeMethod
+
+    def knobs(self) -> dict:
+        return {**dataclasses.asdict(self.prefill), **dataclasses.asdict(self.decode)}
+
+
+def method_names() -> list[str]:
+    _load_builtins()
+    return sorted(set(COMBINED) | set(PREFILL_METHODS) | set(DECODE_METHODS))
+
+
+def describe_methods() -> list[dict]:
+    """One entry per name: its phase(s) and a one-line description."""
+    _load_builtins()
+    rows = []
+    for name in method_names():
+        if name in COMBINED and COMBINED[name] != ("dense", "dense") or name == "dense":
+            p, d = COMBINED[name]
+            desc = PREFILL_METHODS[p].description if p != "dense" else DECODE_METHODS[d].description
+            if name == "dense":
+                desc = "Full attention in both phases (the reference)."
+            rows.append({"name": name, "phase": "prefill+decode", "description": desc})
+            continue
+        if name in PREFILL_METHODS:
+            cls = PREFILL_METHODS[name]
+            rows.append({"name": name, "phase": "prefill", "description": cls.description})
+        if name in DECODE_METHODS:
+            cls = DECODE_METHODS[name]
+            rows.append({"name": name, "phase": "decode", "description": cls.description})
+    return rows
+
+
+def _split(name: str) -> tuple[str, str]:
+    if "+" in name:
+        p, _, d = name.partition("+")
+        if p not in PREFILL_METHODS:
+            raise ValueError(f"unknown prefill method {p!r}; known prefill methods: {sorted(PREFILL_METHODS)}")
+        if d not in DECODE_METHODS:
+            raise ValueError(f"unknown decode method {d!r}; known decode methods: {sorted(DECODE_METHODS)}")
+        return p, d
+    if name in COMBINED:
+        return COMBINED[name]
+    if name in PREFILL_METHODS:
+        return name, "dense"
+    if name in DECODE_METHODS:
+        return "dense", name
+    raise ValueError(f"unknown method {name!r}; known methods: {', '.join(method_names())} (or PREFILL+DECODE)")
+
+
+def resolve_method(name: str, knobs: dict | None = None) -> BoundMethod:
+    """Fresh method instances for one session (methods may keep per-session state)."""
+    _load_builtins()
+    if not isinstance(name, str) or not name:
+        raise ValueError("method name must be a non-empty string")
+    p_name, d_name = _split(name)
+    p_cls, d_cls = PREFILL_METHODS[p_name], DECODE_METHODS[d_name]
+    knobs = dict(knobs or {})
+    p_fields = {f.name for f in dataclasses.fields(p_cls)}
+    d_fields = {f.name for f in dataclasses.fields(d_cls)}
+    unknown = sorted(set(knobs) - p_fields - d_fields)
+    if unknown:
+        raise ValueError(
+            f"unknown knob(s) {unknown} for method {name!r}; valid knobs: {sorted(p_fields | d_fields) or 'none'}"
+        )
+    try:
+        prefill = p_cls(**{k: v for k, v in knobs.items() if k in p_fields})
+        decode = d_cls(**{k: v for k, v in knobs.items() if k in d_fields})
+    except TypeError as e:  # pragma: no cover - dataclass signature mismatch
+        raise ValueError(f"invalid knobs for method {name!r}: {e}") from None
+    prefill.validate()
+    decode.validate()
+    return BoundMethod(name, prefill, decode)

