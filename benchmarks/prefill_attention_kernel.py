@@ -52,6 +52,7 @@ def synthetic_qkv(
     heavy: float = 2.5,
     sink: float = 5.0,
     noise: float = 1.0,
+    local_pairs: int | None = None,
     dtype: torch.dtype = torch.float32,
 ):
     """q (H, n, D), k/v (Hkv, N, D) whose attention has sinks, heavy columns and local diagonals."""
@@ -60,6 +61,13 @@ def synthetic_qkv(
     pos_k = torch.arange(N)
     pos_q = torch.arange(N - n, N)
     shared = torch.randn(Hkv, 1, D, generator=g)  # per-head direction -> offset-dependent score
+    if local_pairs is not None:
+        # Only the fastest-rotating RoPE pairs: the score decays quickly with the offset
+        # (a local band) instead of producing long-range periodic slashes.
+        keep = torch.zeros(D, dtype=torch.bool)
+        keep[:local_pairs] = True
+        keep[D // 2 : D // 2 + local_pairs] = True
+        shared = shared * keep
     shared = shared / shared.norm(dim=-1, keepdim=True) * local**0.5 * D**0.25
     k = torch.randn(Hkv, N, D, generator=g) * noise + shared
     k = rope(k, pos_k)

@@ -124,7 +124,7 @@ def _progress(desc: str):
 
     def update(done: int, total: int) -> None:
         if bar["b"] is None:
-            bar["b"] = tqdm(total=total, desc=desc, file=sys.stderr)
+            bar["b"] = tqdm(total=total, desc=desc, file=sys.stderr, initial=0)
         bar["b"].n = done
         bar["b"].refresh()
         if done >= total:
@@ -137,6 +137,32 @@ def cmd_bench_kv_reuse(args) -> int:
     from .bench.kv_reuse import run_kv_reuse
 
     _emit(run_kv_reuse(_engine(args), args.context, runs=args.runs, progress=_progress("kv-reuse")), args.json)
+    return 0
+
+
+def cmd_bench_decode(args) -> int:
+    from .bench.decode import run_decode
+
+    r = run_decode(_engine(args), args.context, budget=args.budget, tokens=args.tokens, runs=args.runs, n_d=args.n_d, progress=_progress("decode"))
+    _emit(r, args.json)
+    return 0
+
+
+def cmd_bench_prefill_attention(args) -> int:
+    from .bench.prefill import run_prefill_attention
+
+    r = run_prefill_attention(_engine(args), args.context, alpha=args.alpha, new_rows=args.new_rows, runs=args.runs,
+                              progress=_progress("prefill-attention"))
+    _emit(r, args.json)
+    return 0
+
+
+def cmd_bench_prefill(args) -> int:
+    from .bench.prefill import run_prefill
+
+    r = run_prefill(_engine(args), args.context, history=args.history, new=args.new, runs=args.runs,
+                    knobs=_knobs(args.knob), progress=_progress("prefill"))
+    _emit(r, args.json)
     return 0
 
 
@@ -171,6 +197,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     p.set_defaults(func=cmd_bench_kv_reuse)
+
+    p = bench.add_parser("decode", help="TPOT: dense vs LoopServe Phase 2 on the same prompt")
+    _model_args(p)
+    p.add_argument("--context", type=int, default=8000)
+    p.add_argument("--budget", type=int, default=1024)
+    p.add_argument("--n-d", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print only the JSON object")
+    p.set_defaults(func=cmd_bench_decode)
+
+    p = bench.add_parser("prefill-attention", help="one layer on real activations: dense SDPA vs Phase 1")
+    _model_args(p)
+    p.add_argument("--context", type=int, default=8192)
+    p.add_argument("--new-rows", type=int, default=None, help="query rows (default: all, i.e. no history)")
+    p.add_argument("--alpha", type=float, default=0.9)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print only the JSON object")
+    p.set_defaults(func=cmd_bench_prefill_attention)
+
+    p = bench.add_parser("prefill", help="end-to-end TTFT: dense vs loopserve, 8k prompt and turn 3")
+    _model_args(p)
+    p.add_argument("--context", type=int, default=8192)
+    p.add_argument("--history", type=int, default=6144)
+    p.add_argument("--new", type=int, default=2048)
+    p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--json", action="store_true", help="print only the JSON object")
+    p.set_defaults(func=cmd_bench_prefill)
     return ap
 
 

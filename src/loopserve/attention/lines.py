@@ -181,6 +181,7 @@ def probe_attention(
     *,
     per_query_head: bool = False,
     scale: float | None = None,
+    group: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact causal attention of the probe rows over all N keys, in fp32.
 
@@ -194,15 +195,25 @@ def probe_attention(
     rows = torch.as_tensor(rows, dtype=torch.long)
     pos = (N - n) + rows
     s = len(rows)
-    noncausal = torch.arange(N)[None, :] > pos[:, None]  # (s, N)
-    out = []
-    for h in range(Hkv):  # one KV head at a time bounds memory to G*s*N
-        qp = q[h * G : (h + 1) * G, rows].float().reshape(G * s, D)
-        a = (qp @ k[h].float().T).mul_(scale).view(G, s, N)
-        a.masked_fill_(noncausal, float("-inf"))
-        a = torch.softmax(a, dim=-1)
-        out.append(a if per_query_head else a.sum(0, keepdim=True))
-    return torch.cat(out, 0), pos
+    A = torch.zeros(H if per_query_head else Hkv, s, N)
+    # Rows in position order, a group at a time: a group only needs the keys up to its
+    # last row (about 2/3 of the work without history), and its scores stay small.
+    order = torch.argsort(pos)
+    for h in range(Hkv):
+        kh = k[h].float()
+        for a in range(0, s, group):
+            idx = order[a : a + group]
+            p = pos[idx]
+            end = int(p.max()) + 1
+            qp = q[h * G : (h + 1) * G, rows[idx]].float().reshape(-1, D)
+            sc = (qp @ kh[:end].T).mul_(scale).view(G, len(idx), end)
+            sc.masked_fill_(torch.arange(end)[None, :] > p[:, None], float("-inf"))
+            sc = torch.softmax(sc, dim=-1)
+            if per_query_head:
+                A[h * G : (h + 1) * G, idx, :end] = sc
+            else:
+                A[h, idx, :end] = sc.sum(0)
+    return A, pos
 
 
 # --------------------------------------------------------------------------------------
@@ -276,19 +287,20 @@ def greedy_cover(
     if int(pos.max()) >= N or int(pos.min()) < 0:
         raise ValueError("row positions must lie in 0..N-1")
 
+    A = A.float()
     cols = torch.arange(N)
-    causal = cols[None, :] <= pos[:, None]  # (s, N)
-    A = torch.where(causal, A.float(), 0.0)
-    # S[b, r, o] = A[b, r, pos_r - o]: the same cells indexed by offset instead of column.
-    key_of = (pos[:, None] - cols[None, :]).clamp_min(0)  # (s, N): key of (row, offset)
-    S = torch.where(causal, A.gather(2, key_of.expand(B, s, N)), 0.0)
-    # Column-major copies: taking line x reads the s cells of that line contiguously.
-    A_t = A.transpose(1, 2).contiguous()  # (B, N, s)
-    S_t = S.transpose(1, 2).contiguous()
-
-    # Gains in fp64: incremental subtraction then drifts ~1e-16, far below eps.
-    vgain = A.sum(1, dtype=torch.float64)
-    sgain = S.sum(1, dtype=torch.float64)
+    rows = torch.arange(s)
+    # Initial line masses, accumulated in fp64 (exact sums of the fp32 cells, so that a
+    # fully covered line ends at gain ~1e-16, not at fp32 round-off), a few rows at a
+    # time to keep temporaries small. Slash o of row r is the cell (r, pos_r - o).
+    vgain = torch.zeros(B, N, dtype=torch.float64)
+    sgain = torch.zeros(B, N, dtype=torch.float64)
+    for a in range(0, s, 16):
+        p = pos[a : a + 16, None]
+        chunk = A[:, a : a + 16].masked_fill(cols[None, :] > p, 0.0)
+        vgain += chunk.sum(1, dtype=torch.float64)
+        by_offset = chunk.gather(2, (p - cols[None, :]).clamp_min(0).expand(B, -1, N))
+        sgain += by_offset.masked_fill(cols[None, :] > p, 0.0).sum(1, dtype=torch.float64)
     total = vgain.sum(1)
     tol = eps * total.clamp_min(torch.finfo(torch.float64).tiny)
     covered = torch.zeros(B, dtype=torch.float64)
@@ -299,18 +311,21 @@ def greedy_cover(
 
     def take(kind: int, b: torch.Tensor, x: torch.Tensor) -> None:
         """Take lines ``x`` (of one kind) in heads ``b``; update the other kind's gains."""
-        own, other, own_mask, cells = (
-            (vgain, sgain, vmask, A_t) if kind == 0 else (sgain, vgain, smask, S_t)
-        )
+        own, other, own_mask = (vgain, sgain, vmask) if kind == 0 else (sgain, vgain, smask)
         gain = own[b, x].clamp_min(0.0)
         log.append((b, kind, x, gain))
         covered.index_add_(0, b, gain)
         own[b, x] = neg_inf  # never taken again
         own_mask[b, x] = True
-        # Vertical j meets slash pos_r - j in row r; slash o meets vertical pos_r - o.
-        # Out-of-range intersections carry zero mass, so clamping them to 0 is harmless.
-        other_idx = (pos[None, :] - x[:, None]).clamp_min(0) + b[:, None] * N
-        other.view(-1).index_add_(0, other_idx.flatten(), cells[b, x].flatten().double().neg())
+        # Vertical j meets slash pos_r - j in row r; slash o meets vertical pos_r - o:
+        # in both cases the other line's index is pos_r - x, and the cell is causal iff
+        # that index is >= 0. Its mass no longer counts for the other line.
+        other_x = pos[None, :] - x[:, None]  # (m, s)
+        causal = other_x >= 0
+        other_x = other_x.clamp_min(0)
+        key = x[:, None].expand_as(other_x) if kind == 0 else other_x
+        cells = A[b[:, None], rows[None, :], key].masked_fill(~causal, 0.0)
+        other.view(-1).index_add_(0, (other_x + b[:, None] * N).flatten(), cells.flatten().double().neg())
 
     def take_forced(kind: int, lines) -> int:
         if lines is None:

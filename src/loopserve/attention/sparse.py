@@ -5,24 +5,32 @@ Computes, for all n new rows, the exact softmax attention restricted to the cell
 slash diagonals, each cell counted once, causal cells only. The full n x N score
 matrix is never built.
 
-CPU design (why it is fast):
+CPU design, per KV head (the query heads of a GQA group share every gather):
 
-* **Verticals** are the same keys for every row: gather them once per KV head and use a
-  plain matmul ``q_rows @ K[vertical]^T`` for all query heads of the group. Verticals
-  are sorted, so a block of rows only multiplies the prefix of verticals that is causal
-  for some row of the block and masks just the tail.
-* **Slashes** hit a different key in every row, but rows ``i..i+C-1`` at offset ``o``
-  read the *contiguous* keys ``pos_i - o .. pos_i - o + C - 1``. Runs of nearby offsets
-  (the local band above all) are therefore computed as small dense windows: for each
-  chunk of C rows one ``C x (C + w - 1)`` block, taken as a strided view of K (no
-  gather) and batched over chunks in one matmul; cells of the window that are not
-  selected diagonals are masked. The waste is ``(C + w - 1) / #offsets``.
-* **Isolated slashes**, far from any other, would waste a whole window each; they are
-  gathered per row instead (``K[pos_i - o]``) and scored with a batched matmul.
-* A slash cell whose key is also a chosen vertical is masked in the slash part (the
-  vertical part owns it), so each cell enters the softmax once.
-* The parts are merged with an online (flash-style) softmax in fp32: a running row
-  max, a running denominator and an fp32 accumulator. Matmuls run in the input dtype.
+* **Verticals** are the same keys for every row: gather them once and run fused
+  attention of a block of rows against them. Verticals are sorted, so a block only
+  uses the prefix of verticals that is causal for some of its rows, and only the tail
+  of that prefix needs a mask.
+* **Slashes** hit a different key in every row, but the C rows of a chunk read, at
+  offset ``o``, the *contiguous* keys ``pos - o .. pos - o + C - 1``. Runs of nearby
+  offsets (the local band above all) are therefore computed as small dense windows:
+  per chunk of C rows, keys ``pos_first - hi .. pos_last - lo`` for a run ``lo..hi``,
+  with the cells that are not selected diagonals masked. All windows of a head are
+  concatenated and computed in one fused call batched over chunks.
+* **Isolated slashes** would waste a whole window each; they are computed per offset
+  on contiguous slices of K and V (no gather), one vectorised step per offset.
+  Which offsets go where is decided by a tiny cost model (:func:`_split_slashes`).
+* A vertical cell that also lies on a chosen slash is masked in the vertical part (the
+  slash parts own it), so each cell enters the softmax exactly once.
+* Each part returns its output and row log-sum-exp; parts are merged exactly in fp32:
+  ``out = sum_p exp(lse_p - lse) out_p`` with ``lse = logsumexp_p lse_p``.
+
+The fused part is PyTorch's CPU flash-attention kernel
+(``aten._scaled_dot_product_flash_attention_for_cpu``, the kernel behind
+``F.scaled_dot_product_attention`` on CPU), used because it also returns the
+log-sum-exp needed for the merge. Where it is unavailable a plain matmul/softmax path
+gives the same result. Matmuls run in the input dtype (fp32 or bf16); softmax
+statistics and the merge are fp32.
 """
 
 from __future__ import annotations
@@ -37,12 +45,14 @@ from .lines import LinePattern
 
 __all__ = ["dense_prefill_attention", "sparse_prefill_attention"]
 
-# Relative per-cell cost of a gathered slash cell vs a windowed (dense block) cell,
-# measured on a 2-core AVX-512 CPU (benchmarks/prefill_attention_kernel.py). A run of
-# offsets goes to the window path when its window is cheaper than gathering its cells.
-_GATHER_COST = 6.0
-# Bound on gathered K (or V) elements per sub-chunk, to stay in cache.
-_GATHER_ELEMS = 1 << 19
+# Cost model (per row, in units of one windowed cell), measured on a 2-core AVX-512 CPU
+# with benchmarks/prefill_attention_kernel.py: a windowed cell costs ~5 ns in the fused
+# kernel, an isolated slash cell ~35-40 ns on the slice path; a window also pays a small
+# fixed cost (mask, indices).
+_SLICE_CELL_COST = 8.0
+_WINDOW_FIXED_COST = 4.0
+
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def dense_prefill_attention(
@@ -59,162 +69,213 @@ def dense_prefill_attention(
     G = H // Hkv
     kr = k.repeat_interleave(G, 0) if G > 1 else k
     vr = v.repeat_interleave(G, 0) if G > 1 else v
+    # 4-D (batch, heads, rows, dim) inputs: only then does CPU SDPA take its fused flash
+    # kernel; 3-D inputs fall back to the unfused math path that materialises n x N.
+    q4, k4, v4 = q[None], kr[None], vr[None]
     if n == N:
-        return F.scaled_dot_product_attention(q, kr, vr, is_causal=True, scale=scale)
-    mask = torch.ones(n, N, dtype=torch.bool).tril(N - n)
-    return F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale)
+    else:
+        mask = torch.ones(n, N, dtype=torch.bool).tril(N - n)
+        out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale)
+    return out[0]
 
 
-@dataclass
-class _Window:
-    """A run of nearby slash offsets ``lo..hi`` computed as dense C x W windows."""
+# --------------------------------------------------------------------------------------
+# Fused attention with log-sum-exp
+# --------------------------------------------------------------------------------------
 
-    lo: int
-    hi: int
-    band: torch.Tensor  # (C, W) bool: window cell (l, t) is a selected diagonal
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with row log-sum-exp.
+
+    q ``(B, G, L, D)``; k, v ``(B, 1, S, D)`` (shared by the G heads); ``mask`` additive,
+    ``(B, 1, L, S)`` in q's dtype, or None. Returns out ``(B, G, L, D)`` and lse
+    ``(B, G, L)`` (fp32). Rows whose cells are all masked are not meaningful; callers
+    track them separately.
+    """
+    B, G, L, D = q.shape
+    S = k.shape[2]
+    if _flash_cpu is not None and q.device.type == "cpu":
+        try:
+            return _flash_cpu(q, k.expand(B, G, S, D), v.expand(B, G, S, D), attn_mask=mask, scale=scale)
+        except (RuntimeError, NotImplementedError):  # pragma: no cover - older/odd builds
+            pass
+    s = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)  # pragma: no cover
+    if mask is not None:  # pragma: no cover
+        s = s + mask.float()
+    lse = torch.logsumexp(s, -1)  # pragma: no cover
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])  # pragma: no cover
+    return torch.matmul(p.to(q.dtype), v), lse  # pragma: no cover
+
+
+# --------------------------------------------------------------------------------------
+# Per-head plan
+# --------------------------------------------------------------------------------------
+
+
+def _split_slashes(offsets: list[int], chunk: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """Split sorted offsets into windowed runs ``(lo, hi)`` and isolated (sliced) offsets.
+
+    Dynamic programme over the sorted offsets minimising the per-row cost: a window
+    covering offsets ``lo..hi`` costs ``chunk + hi - lo + fixed`` cells, a sliced offset
+    ``_SLICE_CELL_COST``. Windows take contiguous runs of the sorted list, so
+    ``best[i] = min(best[i-1] + slice, min_j best[j-1] + chunk + o_i - o_j + fixed)``
+    and the inner minimum is a running minimum: O(m).
+    """
+    m = len(offsets)
+    best = [0.0] * (m + 1)
+    choice: list[int] = [0] * (m + 1)  # start index of the window ending at i, or -1
+    run_min, run_arg = math.inf, 0
+    for i in range(1, m + 1):
+        o = offsets[i - 1]
+        if best[i - 1] - o < run_min:
+            run_min, run_arg = best[i - 1] - o, i
+        window = run_min + chunk + o + _WINDOW_FIXED_COST
+        sliced = best[i - 1] + _SLICE_CELL_COST
+        if window <= sliced:
+            best[i], choice[i] = window, run_arg
+        else:
+            best[i], choice[i] = sliced, -1
+    runs, isolated = [], []
+    i = m
+    while i > 0:
+        if choice[i] < 0:
+            isolated.append(offsets[i - 1])
+            i -= 1
+        else:
+            j = choice[i]
+            runs.append((offsets[j - 1], offsets[i - 1]))
+            i = j - 1
+    return runs[::-1], isolated[::-1]
 
 
 @dataclass
 class _HeadPlan:
+    """Everything about one pattern head that does not depend on the row block."""
+
     vertical: torch.Tensor  # sorted key indices
-    windows: list[_Window]
-    gathered: torch.Tensor  # isolated slash offsets, sorted
+    is_slash: torch.Tensor  # (N,) bool: offset is a selected slash
+    win_rel: torch.Tensor  # (L,) window column -> key offset from the chunk's first row position
+    win_band: torch.Tensor  # (C, L) bool: window cell is a selected diagonal
+    windows: list[tuple[int, int]]  # windowed offset runs (lo, hi)
+    sliced: list[int]  # isolated offsets
     pad_front: int  # K/V are padded with this many zero rows in front (>= max offset)
-    key_ok: torch.Tensor  # (pad_front + N + pad_back,) bool: real key not owned by a vertical
 
 
 def _plan_head(vertical: torch.Tensor, slash: torch.Tensor, N: int, chunk: int) -> _HeadPlan:
-    """Split one head's slashes into dense windows and gathered isolated offsets.
-
-    Sorted offsets are grouped into runs while the gap to the next offset is at most
-    ``chunk`` (a new window would cost ~chunk extra columns per row anyway). A run of
-    ``m`` offsets spanning ``w`` costs ``chunk + w - 1`` window cells per row against
-    ``_GATHER_COST * m`` for gathering, and takes the cheaper path.
-    """
     vertical = vertical.to(torch.long)
-    offsets = slash.to(torch.long).tolist()
-    runs: list[list[int]] = []
-    for o in offsets:
-        if runs and o - runs[-1][-1] <= chunk:
-            runs[-1].append(o)
-        else:
-            runs.append([o])
-    windows, gathered = [], []
-    for run in runs:
-        lo, hi, m = run[0], run[-1], len(run)
-        if chunk + (hi - lo) <= _GATHER_COST * m:
-            width = chunk + hi - lo
-            rel = torch.zeros(hi - lo + 1, dtype=torch.bool)
-            rel[torch.tensor(run) - lo] = True  # rel[t] <-> offset hi - t
-            rel = rel.flip(0)
-            # Row l of a chunk meets offset o at window column l + (hi - o).
-            t_minus_l = torch.arange(width)[None, :] - torch.arange(chunk)[:, None]
-            band = (t_minus_l >= 0) & (t_minus_l <= hi - lo)
-            band &= rel[t_minus_l.clamp(0, hi - lo)]
-            windows.append(_Window(lo, hi, band))
-        else:
-            gathered.extend(run)
-    pad_front = max(offsets, default=0)
-    pad_back = chunk
-    key_ok = torch.zeros(pad_front + N + pad_back, dtype=torch.bool)
-    key_ok[pad_front : pad_front + N] = True
-    key_ok[pad_front + vertical] = False  # vertical part owns these cells
-    return _HeadPlan(vertical, windows, torch.tensor(gathered, dtype=torch.long), pad_front, key_ok)
+    is_slash = torch.zeros(N, dtype=torch.bool)
+    is_slash[slash.to(torch.long)] = True
+    windows, sliced = _split_slashes(sorted(set(slash.tolist())), chunk)
+    rel, bands = [], []
+    row = torch.arange(chunk)[:, None]
+    for lo, hi in windows:
+        t = torch.arange(chunk + hi - lo)
+        rel.append(t - hi)  # column t of a chunk holds key pos(first row) - hi + t
+        offset = hi - (t[None, :] - row)  # (C, W): row l meets offset hi - (t - l) at column t
+        bands.append(is_slash[offset.clamp(lo, hi)] & (offset >= lo) & (offset <= hi))
+    win_rel = torch.cat(rel) if rel else torch.zeros(0, dtype=torch.long)
+    win_band = torch.cat(bands, 1) if bands else torch.zeros(chunk, 0, dtype=torch.bool)
+    pad_front = int(slash.max()) if len(slash) else 0
+    return _HeadPlan(vertical, is_slash, win_rel, win_band, windows, sliced, pad_front)
 
 
-class _OnlineSoftmax:
-    """Running max / denominator / fp32 accumulator for one block of rows, (G, R) rows."""
-
-    def __init__(self, G: int, R: int, D: int) -> None:
-        self.m = torch.full((G, R), -math.inf)
-        self.l = torch.zeros(G, R)
-        self.acc = torch.zeros(G, R, D)
-
-    def absorb(self, scores: torch.Tensor, pv, rows: slice = slice(None)) -> None:
-        """Merge fp32 ``scores`` (G, r, c) of rows ``rows``; ``pv(p)`` returns p @ values."""
-        m_old = self.m[:, rows]
-        m_new = torch.maximum(m_old, scores.amax(-1))
-        m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)  # rows with no cell yet
-        rescale = torch.exp(m_old - m_safe)
-        p = torch.exp(scores - m_safe[..., None])
-        self.l[:, rows] = self.l[:, rows] * rescale + p.sum(-1)
-        acc = self.acc[:, rows]
-        acc.mul_(rescale[..., None]).add_(pv(p))
-        self.m[:, rows] = m_new
-
-    def result(self, dtype: torch.dtype) -> torch.Tensor:
-        # Rows without any selected cell (only possible for degenerate patterns) give 0.
-        return (self.acc / self.l.clamp_min(1e-30)[..., None]).to(dtype)
+# --------------------------------------------------------------------------------------
+# Parts
+# --------------------------------------------------------------------------------------
 
 
-def _attend_block(
-    qb: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kpad: torch.Tensor,
-    vpad: torch.Tensor,
-    kvert: torch.Tensor,
-    vvert: torch.Tensor,
-    plan: _HeadPlan,
-    p0: int,
-    chunk: int,
-) -> torch.Tensor:
-    """Attention of one block of rows (absolute positions ``p0 .. p0 + R - 1``).
+def _vertical_part(qb, kvert, vvert, plan: _HeadPlan, p0, scale):
+    """Fused attention of the block's rows over the causal prefix of the verticals.
 
-    ``qb`` is ``(G, R, D)`` pre-scaled, R a multiple of ``chunk`` (padded rows are
-    computed and discarded by the caller).
+    Cells that also lie on a selected slash are masked here (the slash parts own them),
+    so every cell is counted once; this check is (rows x verticals), cheaper than doing
+    it in the slash windows.
     """
     G, R, D = qb.shape
-    dtype = qb.dtype
-    state = _OnlineSoftmax(G, R, D)
-    row_pos = p0 + torch.arange(R)
-
-    # Verticals: only the prefix j <= last row's position can be causal for this block.
     vert = plan.vertical
+    rows = p0 + torch.arange(R)
     n_hi = int(torch.searchsorted(vert, p0 + R - 1, right=True))
-    if n_hi:
-        n_lo = int(torch.searchsorted(vert, p0, right=True))  # causal for every row
-        kv_, vv_ = kvert[:n_hi], vvert[:n_hi]
-        s = (qb @ kv_.T).float()
-        if n_hi > n_lo:
-            s[..., n_lo:].masked_fill_(vert[None, n_lo:n_hi] > row_pos[:, None], -math.inf)
-        state.absorb(s, lambda p: p.to(dtype) @ vv_)
+    if n_hi == 0:
+        return None
+    offset = rows[:, None] - vert[None, :n_hi]  # (R, n_hi)
+    drop = (offset < 0) | plan.is_slash[offset.clamp(0, len(plan.is_slash) - 1)]
+    mask = None
+    if bool(drop.any()):
+        mask = torch.zeros(R, n_hi, dtype=qb.dtype).masked_fill_(drop, -math.inf)[None, None]
+    out, lse = _attend(qb[None], kvert[None, None, :n_hi], vvert[None, None, :n_hi], mask, scale)
+    return out[0], lse[0], ~drop.all(-1)
 
-    # Windows: chunk c of rows, run lo..hi, reads keys p0 + c*C - hi + t, t < C + hi - lo.
+
+def _window_part(qb, kpad, vpad, plan: _HeadPlan, p0, chunk, scale):
+    """All slash windows of the head, one fused call batched over chunks of rows."""
+    G, R, D = qb.shape
     n_chunks = R // chunk
-    qc = qb.view(G, n_chunks, chunk, D)
-    for w in plan.windows:
-        width = chunk + w.hi - w.lo
-        start = plan.pad_front + p0 - w.hi  # index into the padded K/V
-        shape, stride = (n_chunks, width, D), (chunk * D, D, 1)
-        kw = kpad.as_strided(shape, stride, start * D)
-        vw = vpad.as_strided(shape, stride, start * D)
-        key_ok = plan.key_ok.as_strided((n_chunks, width), (chunk, 1), start)
-        allowed = w.band[None, :, :] & key_ok[:, None, :]  # (n_chunks, C, W)
-        s = torch.matmul(qc, kw.transpose(1, 2)).float()  # (G, n_chunks, C, W)
-        s.masked_fill_(~allowed, -math.inf)
-        s = s.view(G, R, width)
-        state.absorb(s, lambda p: torch.matmul(p.view(G, n_chunks, chunk, width).to(dtype), vw).view(G, R, D))
+    starts = p0 + chunk * torch.arange(n_chunks)  # position of each chunk's first row
+    idx = plan.pad_front + starts[:, None] + plan.win_rel[None, :]  # (n_chunks, L) into padded K
+    L = idx.shape[1]
+    if p0 - plan.windows[-1][1] >= 0:
+        # No key before position 0 in this block: the same band mask for every chunk.
+        band = torch.zeros(1, 1, chunk, L, dtype=qb.dtype).masked_fill_(~plan.win_band, -math.inf)
+        mask = band.expand(n_chunks, 1, chunk, L)
+        has = torch.ones(R, dtype=torch.bool)
+    else:
+        allowed = plan.win_band[None] & (idx >= plan.pad_front)[:, None, :]  # (n_chunks, C, L)
+        mask = torch.zeros(allowed.shape, dtype=qb.dtype).masked_fill_(~allowed, -math.inf)[:, None]
+        has = allowed.any(-1).view(R)
+    qc = qb.view(G, n_chunks, chunk, D).transpose(0, 1)
+    flat = idx.flatten()
+    kw = kpad.index_select(0, flat).view(n_chunks, 1, L, D)
+    vw = vpad.index_select(0, flat).view(n_chunks, 1, L, D)
+    out, lse = _attend(qc, kw, vw, mask, scale)
+    # (n_chunks, G, C, .) -> (G, R, .)
+    return out.transpose(0, 1).reshape(G, R, D), lse.transpose(0, 1).reshape(G, R), has
 
-    # Isolated slashes: gather K/V rows per (row, offset), in cache-sized sub-chunks.
-    offs = plan.gathered
-    if len(offs):
-        sub = max(chunk, _GATHER_ELEMS // (len(offs) * D) // chunk * chunk)
-        qr = qb.transpose(0, 1)  # (R, G, D)
-        for a in range(0, R, sub):
-            b = min(R, a + sub)
-            idx = plan.pad_front + row_pos[a:b, None] - offs[None, :]  # (r, m) padded index
-            ok = plan.key_ok[idx]
-            kg = kpad[idx]  # (r, m, D)
-            s = torch.bmm(qr[a:b], kg.transpose(1, 2)).float()  # (r, G, m)
-            s.masked_fill_(~ok[:, None, :], -math.inf)
-            vg = vpad[idx]
-            state.absorb(
-                s.transpose(0, 1),
-                lambda p: torch.bmm(p.transpose(0, 1).to(dtype), vg).transpose(0, 1),
-                rows=slice(a, b),
-            )
-    return state.result(dtype)
+
+def _sliced_part(qb, kpad, vpad, plan: _HeadPlan, p0, scale):
+    """Isolated slashes: per offset, the rows' keys are one contiguous slice of K."""
+    G, R, D = qb.shape
+    offs = plan.sliced
+    rows = p0 + torch.arange(R)
+    qf = (qb.float() * scale) if qb.dtype != torch.float32 else qb * scale
+    kf, vf = kpad.float(), vpad.float()
+    s = torch.empty(len(offs), G, R)  # offset-major: each step writes one contiguous slab
+    tmp = torch.empty(G, R, D)
+    for t, o in enumerate(offs):
+        a = plan.pad_front + p0 - o
+        torch.sum(torch.mul(qf, kf[a : a + R], out=tmp), -1, out=s[t])
+    ok = rows[None, None, :] >= torch.tensor(offs)[:, None, None]  # key >= 0
+    s.masked_fill_(~ok, -math.inf)
+    m = s.amax(0)
+    m_safe = torch.where(torch.isinf(m), 0.0, m)
+    s.sub_(m_safe).exp_()
+    denom = s.sum(0)
+    acc = torch.zeros(G, R, D)
+    for t, o in enumerate(offs):
+        a = plan.pad_front + p0 - o
+        acc.addcmul_(s[t, :, :, None], vf[a : a + R])
+    out = acc.div_(denom.clamp_min(1e-30)[..., None])
+    return out, m_safe + torch.log(denom), ok.any(0)[0]
+
+
+def _merge(parts, dtype):
+    """Exact merge of partial attentions by their log-sum-exp (rows without cells -> 0)."""
+    full = [bool(has.all()) for _, _, has in parts]
+    if len(parts) == 1:
+        out, _, has = parts[0]
+        return (out if full[0] else torch.where(has[None, :, None], out, 0)).to(dtype)
+    lses = torch.stack([lse if f else torch.where(has[None, :], lse, -math.inf) for (_, lse, has), f in zip(parts, full)])
+    total = torch.logsumexp(lses, 0)
+    if not all(full):
+        total = torch.where(torch.isinf(total), 0.0, total)
+    out = None
+    for (o, _, has), lse, f in zip(parts, lses, full):
+        w = torch.exp(lse - total).unsqueeze(-1)
+        term = o.float() * w if f else torch.where(has[None, :, None], o.float(), 0.0) * w
+        out = term if out is None else out.add_(term)
+    return out.to(dtype)
 
 
 def sparse_prefill_attention(
@@ -224,18 +285,19 @@ def sparse_prefill_attention(
     pattern: LinePattern,
     *,
     scale: float | None = None,
-    block: int = 1024,
-    chunk: int = 64,
+    block: int = 2048,
+    chunk: int = 32,
 ) -> torch.Tensor:
     """Exact softmax attention of the n new rows over exactly the pattern's cells.
 
     q ``(H, n, D)``; k, v ``(H_kv, N, D)`` with the new tokens' keys last (row r sits
     at key position ``N - n + r``). ``pattern`` has one head per KV head (shared by its
     query heads) or, if ``pattern.per_query_head``, one per query head. Returns
-    ``(H, n, D)`` in the dtype of ``q``; scores and softmax are accumulated in fp32.
+    ``(H, n, D)`` in the dtype of ``q``; softmax statistics are fp32. Rows with no
+    selected cell (only possible for degenerate patterns) get zeros.
 
-    ``block`` rows are processed at a time (bounds memory to block x lines); ``chunk``
-    is the row-chunk height of the slash windows.
+    ``block`` rows are processed at a time (memory ~ block x lines); ``chunk`` is the
+    row-chunk height of the slash windows (smaller: less waste, less efficient matmuls).
     """
     H, n, D = q.shape
     Hkv, N, _ = k.shape
@@ -245,7 +307,7 @@ def sparse_prefill_attention(
     heads = H if pattern.per_query_head else Hkv
     if pattern.n_heads != heads:
         raise ValueError(f"pattern has {pattern.n_heads} heads, expected {heads}")
-    scale = D**-0.5 if scale is None else scale
+    scale = D**-0.5 if scale is None else float(scale)
     block = max(chunk, block // chunk * chunk)
     off = N - n
     n_pad = -(-n // chunk) * chunk
@@ -259,17 +321,28 @@ def sparse_prefill_attention(
             qh, kvh = slice(h * G, (h + 1) * G), h
         plan = _plan_head(pattern.vertical[h], pattern.slash[h], N, chunk)
         kh, vh = k[kvh], v[kvh]
-        zeros_f = kh.new_zeros(plan.pad_front, D)
-        zeros_b = kh.new_zeros(chunk + n_pad - n, D)
-        kpad = torch.cat([zeros_f, kh, zeros_b]).contiguous()
-        vpad = torch.cat([zeros_f, vh, zeros_b]).contiguous()
+        # Zero padding: in front so that pos - offset >= 0 indexes, behind for padded rows.
+        front = kh.new_zeros(plan.pad_front, D)
+        back = kh.new_zeros(2 * chunk, D)
+        kpad, vpad = torch.cat([front, kh, back]), torch.cat([front, vh, back])
         kvert, vvert = kh[plan.vertical], vh[plan.vertical]
-        qs = (q[qh].float() * scale).to(dtype)
+        qs = q[qh]
         if n_pad > n:
             qs = torch.cat([qs, qs.new_zeros(qs.shape[0], n_pad - n, D)], 1)
         for r0 in range(0, n_pad, block):
-            r1 = min(n_pad, r0 + block)
-            out[qh, r0:r1] = _attend_block(
-                qs[:, r0:r1], kh, vh, kpad, vpad, kvert, vvert, plan, off + r0, chunk
-            )
+            qb = qs[:, r0 : r0 + block]
+            p0 = off + r0
+            parts = []
+            if len(plan.vertical):
+                part = _vertical_part(qb, kvert, vvert, plan, p0, scale)
+                if part is not None:
+                    parts.append(part)
+            if plan.windows:
+                parts.append(_window_part(qb, kpad, vpad, plan, p0, chunk, scale))
+            if plan.sliced:
+                parts.append(_sliced_part(qb, kpad, vpad, plan, p0, scale))
+            if parts:
+                out[qh, r0 : r0 + block] = _merge(parts, dtype)
+            else:
+                out[qh, r0 : r0 + block] = 0
     return out[:, :n]

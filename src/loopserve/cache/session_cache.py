@@ -20,6 +20,9 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
+_VIEW_SLACK = 128
+
+
 def _grown(buf: torch.Tensor, need: int) -> torch.Tensor:
     """Return `buf` (..., cap, D) with capacity >= need along dim -2, doubling to amortise."""
     cap = buf.shape[-2]
@@ -42,9 +45,12 @@ class SessionLayer(CacheLayerMixin):
         self.length = 0  # tokens resident per KV head
         self._k = self._v = None  # (1, H_kv, cap, D)
         self._pos = None  # (H_kv, cap) absolute positions of resident tokens
-        # Active view (decode over a selection): indices into the store, per KV head.
-        self.view_idx: torch.Tensor | None = None  # (H_kv, L) long
-        self._vk = self._vv = None  # compact gathered keys/values (1, H_kv, cap, D)
+        # Active view (decode over a selection): `_view_base` (H_kv, L0) store indices chosen
+        # at the last selection, plus every store index from `_view_start` on (tokens
+        # appended since). `_vk`/`_vv` hold the gathered keys/values compactly.
+        self._view_base: torch.Tensor | None = None
+        self._view_start = 0
+        self._vk = self._vv = None  # (1, H_kv, cap, D)
         self.view_len = 0
 
     # -- CacheLayerMixin API -------------------------------------------------------
@@ -74,7 +80,7 @@ class SessionLayer(CacheLayerMixin):
         next_pos = int(self._pos[0, start - 1]) + 1 if start > 0 else 0
         self._pos[:, start : start + n] = torch.arange(next_pos, next_pos + n, device=self.device)
         self.length = start + n
-        if self.view_idx is None:
+        if self._view_base is None:
             return self.keys, self.values
         # Active view: new tokens are always attended (they are this turn's own tokens).
         m = self.view_len
@@ -82,8 +88,6 @@ class SessionLayer(CacheLayerMixin):
         self._vv = _grown(self._vv, m + n)
         self._vk[..., m : m + n, :] = key_states
         self._vv[..., m : m + n, :] = value_states
-        new_idx = torch.arange(start, start + n, device=self.device).expand(self.view_idx.shape[0], n)
-        self.view_idx = torch.cat([self.view_idx, new_idx], dim=1)
         self.view_len = m + n
         return self._vk[..., : self.view_len, :], self._vv[..., : self.view_len, :]
 
@@ -149,7 +153,16 @@ class SessionLayer(CacheLayerMixin):
     @property
     def active_tokens(self) -> int:
         """Tokens attended per KV head at the next decode step."""
-        return self.view_len if self.view_idx is not None else self.length
+        return self.view_len if self._view_base is not None else self.length
+
+    @property
+    def view_idx(self) -> torch.Tensor | None:
+        """(H_kv, L) store indices the next decode step attends to, or None (all)."""
+        if self._view_base is None:
+            return None
+        h = self._view_base.shape[0]
+        tail = torch.arange(self._view_start, self.length, device=self.device).expand(h, -1)
+        return torch.cat([self._view_base, tail], dim=1)
 
     # -- selection -------------------------------------------------------------------
     def set_view(self, idx: torch.Tensor) -> None:
@@ -157,13 +170,18 @@ class SessionLayer(CacheLayerMixin):
         idx = idx.to(self.device, torch.long)
         h, L = idx.shape
         gather = idx.view(1, h, L, 1)
-        self._vk = torch.gather(self.keys, 2, gather.expand(1, h, L, self._k.shape[-1]))
-        self._vv = torch.gather(self.values, 2, gather.expand(1, h, L, self._v.shape[-1]))
-        self.view_idx = idx
+        # Leave room for the tokens decoded until the next selection: no regrowth per step.
+        cap = L + _VIEW_SLACK
+        self._vk = self._k.new_empty(1, h, cap, self._k.shape[-1])
+        self._vv = self._v.new_empty(1, h, cap, self._v.shape[-1])
+        self._vk[..., :L, :] = torch.gather(self.keys, 2, gather.expand(1, h, L, self._k.shape[-1]))
+        self._vv[..., :L, :] = torch.gather(self.values, 2, gather.expand(1, h, L, self._v.shape[-1]))
+        self._view_base = idx
+        self._view_start = self.length
         self.view_len = L
 
     def clear_view(self) -> None:
-        self.view_idx = None
+        self._view_base = None
         self._vk = self._vv = None
         self.view_len = 0
 

@@ -14,6 +14,7 @@ same model), attention is plain dense causal attention.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -35,10 +36,13 @@ class TurnContext:
     q_start: int = 0  # absolute position of the first query token of this forward
     input_end: int = 0  # absolute position just after this turn's input (history + new input)
     num_layers: int = 0
+    scaling: float = 0.0  # softmax scale of the model's attention (set by the hook)
     # Per-layer scratch space that methods keep for the duration of a turn.
     layer_state: list[dict] = field(default_factory=list)
     # Per-turn diagnostics methods report (e.g. prefill density per layer).
     stats: dict = field(default_factory=dict)
+    # Seconds spent inside prefill attention (selection + kernel), for the attention share.
+    prefill_attention_s: float = 0.0
 
     def __post_init__(self):
         if not self.layer_state:
@@ -57,10 +61,14 @@ def loopserve_attention(module, query, key, value, attention_mask, scaling=None,
     layer_idx = module.layer_idx
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    if ctx is not None:
+        ctx.scaling = scaling
     if ctx is None:
         out = dense_attention(query, key, value, scaling)
     elif query.shape[-2] > 1:
+        t0 = time.perf_counter()
         out = ctx.prefill.attend(query, key, value, layer_idx=layer_idx, scaling=scaling, ctx=ctx)
+        ctx.prefill_attention_s += time.perf_counter() - t0
         ctx.decode.observe_prefill(ctx, layer_idx, query, key)
     else:
         # The cache layer already returned the active view (full store or compact selection).

@@ -18,11 +18,23 @@ from ..cache.base import DECODE_METHODS, DecodeMethod
 # Method modules register themselves on import (kvpress-style: one file per method).
 _BUILTIN_MODULES = [
     "loopserve.attention.dense",
+    "loopserve.attention.loopserve",
     "loopserve.cache.base",
+    "loopserve.cache.loopserve",
+    # Baselines (SPEC section 3), one file each.
+    "loopserve.attention.ashape",
+    "loopserve.attention.trishape",
+    "loopserve.attention.minference",
+    "loopserve.cache.streamingllm",
+    "loopserve.cache.snapkv",
+    "loopserve.cache.adakv",
+    "loopserve.cache.pyramidkv",
+    "loopserve.cache.h2o",
+    "loopserve.cache.snapkv_rescored",
 ]
 
 # Names that bind both phases at once.
-COMBINED: dict[str, tuple[str, str]] = {"dense": ("dense", "dense")}
+COMBINED: dict[str, tuple[str, str]] = {"dense": ("dense", "dense"), "loopserve": ("loopserve", "loopserve")}
 
 
 def _load_builtins() -> None:
@@ -50,19 +62,17 @@ def describe_methods() -> list[dict]:
     _load_builtins()
     rows = []
     for name in method_names():
-        if name in COMBINED and COMBINED[name] != ("dense", "dense") or name == "dense":
+        if name in COMBINED:
             p, d = COMBINED[name]
-            desc = PREFILL_METHODS[p].description if p != "dense" else DECODE_METHODS[d].description
             if name == "dense":
                 desc = "Full attention in both phases (the reference)."
+            else:
+                desc = f"{PREFILL_METHODS[p].description} + {DECODE_METHODS[d].description}"
             rows.append({"name": name, "phase": "prefill+decode", "description": desc})
             continue
-        if name in PREFILL_METHODS:
-            cls = PREFILL_METHODS[name]
-            rows.append({"name": name, "phase": "prefill", "description": cls.description})
-        if name in DECODE_METHODS:
-            cls = DECODE_METHODS[name]
-            rows.append({"name": name, "phase": "decode", "description": cls.description})
+        for phase, table in (("prefill", PREFILL_METHODS), ("decode", DECODE_METHODS)):
+            if name in table:
+                rows.append({"name": name, "phase": phase, "description": table[name].description})
     return rows
 
 

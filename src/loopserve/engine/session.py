@@ -228,6 +228,7 @@ class TurnStream:
             s.token_ids.extend(new)
             method.decode.after_prefill(ctx)
             stats.cached_tokens, stats.prefill_tokens = reuse, len(new)
+            stats.extra["prefill_attention_s"] = ctx.prefill_attention_s
             sampler = Sampler(params)
             generated: list[int] = []
             history = torch.tensor([prompt], dtype=torch.long)
@@ -276,7 +277,7 @@ class TurnStream:
         stats.active_kv_tokens = s.cache.active_tokens
         stats.kv_bytes = s.cache.nbytes
         stats.peak_rss_mb = _peak_rss_mb()
-        stats.extra = {k: sum(v) / len(v) for k, v in ctx.stats.items() if v}
+        stats.extra.update({k: sum(v) / len(v) for k, v in ctx.stats.items() if v})
         s.turns.append(stats)
         if self.messages is not None:
             s.messages = self.messages + [{"role": "assistant", "content": emitted}]

@@ -1,0 +1,71 @@
+"""LoopServe Phase 1: online vertical-slash sparsification of every turn's prefill.
+
+For each layer and each turn, `select_lines` samples probe rows spread over the whole new
+input, computes their exact attention over every key (history + new), and greedily picks
+the vertical/slash lines that cover `alpha` of that mass; `sparse_prefill_attention` then
+computes exact softmax attention of all new rows over just those cells. Lines are chosen
+per KV head (see attention/lines.py for why). Below `min_keys` keys or `min_new` new rows
+the selection costs more than it saves, so attention stays dense.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import PrefillMethod, register_prefill
+from .dense import dense_attention
+from .lines import attention_recall, pattern_density, select_lines
+from .sparse import sparse_prefill_attention
+
+
+@register_prefill
+@dataclass
+class LoopServePrefill(PrefillMethod):
+    name = "loopserve"
+    description = "LoopServe Phase 1: per-input vertical/slash lines by greedy coverage of probe-row attention."
+    paper = "LoopServe (arXiv 2507.13681), online prefill sparsification"
+
+    alpha: float = 0.9
+    probe: int = 64  # minimum probe rows; 2% of the new rows when that is more
+    sinks: int = 4
+    local: int = 64
+    min_keys: int = 2048  # dense below this many keys (measured crossover, docs/benchmarks.md)
+    min_new: int = 128  # dense for fewer new rows than this
+    seed: int = 0
+    recall_rows: int = 0  # >0: measure recall on this many held-out rows (diagnostics only)
+
+    def validate(self) -> None:
+        if not isinstance(self.alpha, (int, float)) or not (0.0 < float(self.alpha) <= 1.0):
+            raise ValueError(f"invalid knob alpha={self.alpha!r}: must be in (0, 1]")
+        for knob in ("probe", "sinks", "local", "min_keys", "min_new", "seed", "recall_rows"):
+            v = getattr(self, knob)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"invalid knob {knob}={v!r}: must be an integer >= 0")
+
+    def attend(self, q, k, v, *, layer_idx, scaling, ctx):
+        n, N = q.shape[-2], k.shape[-2]
+        if N < self.min_keys or n < self.min_new:
+            ctx.record("prefill_density", 1.0)
+            return dense_attention(q, k, v, scaling)
+        n_probe = max(self.probe, math.ceil(0.02 * n))
+        pattern = select_lines(
+            q[0], k[0], alpha=float(self.alpha), n_probe=n_probe, sinks=self.sinks, local=self.local,
+            seed=self.seed + layer_idx, scale=scaling,
+        )
+        # Phase 2 starts decoding from these position-agnostic probe rows.
+        ctx.layer_state[layer_idx]["probe_rows"] = pattern.probe_idx
+        out = sparse_prefill_attention(q[0], k[0], v[0], pattern, scale=scaling)
+        ctx.record("prefill_density", pattern_density(pattern))
+        ctx.record("probe_mass", float(pattern.probe_mass.mean()))
+        if self.recall_rows:
+            g = torch.Generator().manual_seed(self.seed + 7919 * (layer_idx + 1))
+            held = torch.ones(n, dtype=torch.bool)
+            held[pattern.probe_idx] = False
+            candidates = held.nonzero().flatten()
+            rows = candidates[torch.randperm(len(candidates), generator=g)[: self.recall_rows]]
+            if len(rows):
+                ctx.record("recall", attention_recall(q[0], k[0], pattern, rows, scale=scaling))
+        return out.unsqueeze(0)

@@ -1,0 +1,189 @@
+"""Prefill benchmarks for Phase 1.
+
+`prefill-attention`: one attention layer with the default model's shape, on real
+activations (queries/keys/values captured from the default model reading real essay
+text), dense SDPA against selection + sparse kernel, same inputs, same process.
+
+`prefill`: end-to-end time to first token on the default model, loopserve against dense,
+for one long prompt and for turn 3 of a conversation (long history + new input).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..attention.base import PrefillMethod
+from ..attention.dense import dense_attention
+from ..attention.lines import attention_recall, pattern_density, select_lines
+from ..attention.sparse import sparse_prefill_attention
+from ..engine import Engine, SamplingParams
+from ..engine.hook import TurnContext
+from ..textdata import text_chunks
+
+
+@dataclass
+class _Capture(PrefillMethod):
+    """Dense prefill that keeps the post-RoPE q, k, v of some layers."""
+
+    name = "capture"
+    layers: tuple = ()
+    saved: dict = field(default_factory=dict)
+
+    def attend(self, q, k, v, *, layer_idx, scaling, ctx):
+        if layer_idx in self.layers:
+            self.saved[layer_idx] = (q[0].clone(), k[0].clone(), v[0].clone())
+        return dense_attention(q, k, v, scaling)
+
+
+def capture_qkv(engine: Engine, context: int, layers: list[int]) -> dict:
+    ids = engine.tokenizer(text_chunks(engine.tokenizer, context)[0], add_special_tokens=False)["input_ids"][:context]
+    session = engine.new_session()
+    cap = _Capture(layers=tuple(layers))
+    ctx = TurnContext(session.cache, cap, session.method.decode, q_start=0, input_end=len(ids), num_layers=engine.num_layers)
+    engine.forward(ids, session.cache, ctx)
+    return cap.saved
+
+
+def _median_ms(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def run_prefill_attention(engine: Engine, context: int = 8192, alpha: float = 0.9, new_rows: int | None = None,
+                          layers: list[int] | None = None, runs: int = 3, recall_rows: int = 256, progress=None) -> dict:
+    """Per captured layer: dense vs Phase 1 on the last `new_rows` rows (all rows if None)."""
+    n_layers = engine.num_layers
+    layers = layers or sorted({1, n_layers // 4, n_layers // 2, 3 * n_layers // 4, n_layers - 1})
+    saved = capture_qkv(engine, context, layers)
+    scale = saved[layers[0]][0].shape[-1] ** -0.5
+    per_layer = []
+    for i, li in enumerate(layers):
+        q, k, v = saved[li]
+        n = new_rows or q.shape[1]
+        q = q[:, -n:].contiguous()
+        q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        dense_attention(q4, k4, v4, scale)  # warm-up
+        dense_ms = _median_ms(lambda: dense_attention(q4, k4, v4, scale), runs)
+
+        def ours():
+            p = select_lines(q, k, alpha=alpha, seed=li, scale=scale)
+            return p, sparse_prefill_attention(q, k, v, p, scale=scale)
+
+        ours()
+        sparse_ms = _median_ms(ours, runs)
+        select_ms = _median_ms(lambda: select_lines(q, k, alpha=alpha, seed=li, scale=scale), runs)
+        pattern, out = ours()
+        held = torch.ones(n, dtype=torch.bool)
+        held[pattern.probe_idx] = False
+        cand = held.nonzero().flatten()
+        rows = cand[torch.randperm(len(cand), generator=torch.Generator().manual_seed(li))[:recall_rows]]
+        ref = dense_attention(q4, k4, v4, scale)[0]
+        per_layer.append({
+            "layer": li,
+            "dense_ms": round(dense_ms, 2),
+            "sparse_ms": round(sparse_ms, 2),
+            "select_ms": round(select_ms, 2),
+            "speedup": round(dense_ms / sparse_ms, 2),
+            "density": round(pattern_density(pattern), 4),
+            "probe_mass": round(float(pattern.probe_mass.mean()), 4),
+            "recall": round(attention_recall(q, k, pattern, rows, scale=scale), 4),
+            "max_abs_err": float((out - ref).abs().max()),
+        })
+        if progress:
+            progress(i + 1, len(layers))
+    dense_total = sum(r["dense_ms"] for r in per_layer)
+    sparse_total = sum(r["sparse_ms"] for r in per_layer)
+    return {
+        "benchmark": "prefill-attention",
+        "model": engine.loaded.name,
+        "context": context,
+        "new_rows": new_rows or context,
+        "alpha": alpha,
+        "runs": runs,
+        "layers": layers,
+        "dense_ms": round(dense_total / len(per_layer), 2),
+        "sparse_ms": round(sparse_total / len(per_layer), 2),
+        "speedup": round(dense_total / sparse_total, 2),
+        "density": round(statistics.mean(r["density"] for r in per_layer), 4),
+        "recall": round(statistics.mean(r["recall"] for r in per_layer), 4),
+        "min_recall": min(r["recall"] for r in per_layer),
+        "per_layer": per_layer,
+    }
+
+
+def _conversation_prompts(engine: Engine, history: int, new: int) -> tuple[list[int], list[int]]:
+    """(history prompt ids, full prompt ids) for turn 3 of a conversation."""
+    per_turn = history // 2 - 40
+    a, b, c = text_chunks(engine.tokenizer, per_turn, 2) + text_chunks(engine.tokenizer, new - 40, 1, start_token=2 * per_turn)
+    messages = [
+        {"role": "user", "content": a + "\n\nWhat is this passage about?"},
+        {"role": "assistant", "content": "It is an essay about startups and the people who found them."},
+        {"role": "user", "content": b + "\n\nAnd this one?"},
+        {"role": "assistant", "content": "It continues the same essay with more advice for founders."},
+    ]
+    hist = engine.encode_messages(messages)[:-3]  # drop the trailing generation prompt
+    full = engine.encode_messages(messages + [{"role": "user", "content": c + "\n\nSummarise all three passages."}])
+    assert full[: len(hist)] == hist
+    return hist, full
+
+
+def run_prefill(engine: Engine, context: int = 8192, history: int = 6144, new: int = 2048, runs: int = 2,
+                knobs: dict | None = None, progress=None) -> dict:
+    """TTFT, dense vs loopserve Phase 1 (dense decode), for a long prompt and a turn 3."""
+    knobs = dict(knobs or {})
+    single = engine.encode_messages([{"role": "user", "content": text_chunks(engine.tokenizer, context - 40)[0] + "\n\nSummarise."}])
+    hist, full = _conversation_prompts(engine, history, new)
+    base = engine.new_session()
+    ctx = TurnContext(base.cache, base.method.prefill, base.method.decode, q_start=0, input_end=len(hist), num_layers=engine.num_layers)
+    engine.forward(hist, base.cache, ctx)
+    cases = {"single": (single, None), "turn3": (full, base)}
+    methods = {"dense": "dense", "loopserve": "loopserve+dense"}
+    out = {}
+    step, total = 0, runs * len(cases) * len(methods)
+    for case, (prompt, start) in cases.items():
+        ttft = {m: [] for m in methods}
+        share = {m: [] for m in methods}
+        density = []
+        for r in range(runs):
+            for m in (methods if r % 2 == 0 else list(reversed(methods))):
+                s = engine.new_session(method=methods[m], knobs=knobs if m == "loopserve" else None)
+                if start is not None:
+                    s.cache = copy.deepcopy(start.cache)
+                    s.token_ids = list(hist)
+                res = s.stream_ids(prompt, SamplingParams(max_new_tokens=1))
+                for _ in res:
+                    pass
+                st = res.result.stats
+                ttft[m].append(st.ttft_s)
+                share[m].append(st.extra["prefill_attention_s"] / st.ttft_s)
+                if m == "loopserve":
+                    density.append(st.extra.get("prefill_density", 1.0))
+                step += 1
+                if progress:
+                    progress(step, total)
+        d, o = statistics.median(ttft["dense"]), statistics.median(ttft["loopserve"])
+        dense_share = statistics.median(share["dense"])
+        out[case] = {
+            "prompt_tokens": len(prompt),
+            "prefill_tokens": len(prompt) - (len(hist) if start is not None else 0),
+            "dense_ttft_s": round(d, 3),
+            "loopserve_ttft_s": round(o, 3),
+            "speedup": round(d / o, 2),
+            "dense_attention_share": round(dense_share, 3),
+            "loopserve_attention_share": round(statistics.median(share["loopserve"]), 3),
+            # Amdahl: even free attention cannot beat 1 / (1 - share).
+            "ceiling_speedup": round(1.0 / max(1e-9, 1.0 - dense_share), 2),
+            "density": round(statistics.mean(density), 4),
+            "dense_ttft_all_s": [round(x, 3) for x in ttft["dense"]],
+            "loopserve_ttft_all_s": [round(x, 3) for x in ttft["loopserve"]],
+        }
+    return {"benchmark": "prefill", "model": engine.loaded.name, "runs": runs, "knobs": knobs, **out}

@@ -1,0 +1,155 @@
+"""LoopServe Phase 2: progressive KV selection during decoding (SPEC section 2).
+
+Every `n_d` generated tokens, the queries of those tokens (post-RoPE, buffered per layer)
+re-score every input key (history + this turn's input); each KV head then attends only to
+its top-`budget` keys, the sink tokens, the last `recent` input tokens and everything
+generated in this turn, gathered into a compact tensor (SessionLayer.set_view), so the
+time per token stops growing with the conversation.
+
+Before the first `n_d` tokens exist, the selection comes from probe rows spread over the
+whole new input (Phase 1's RandomSelect rows when the prefill method recorded them, else
+the same rule applied here), never from the last-window rule that biases SnapKV-style
+methods towards questions at the end.
+
+Across turns: `lossless` keeps the full store and re-selects per turn; `bounded` evicts the
+history at the end of each turn down to `memory_budget` tokens per KV head, by the scores
+gathered during that turn.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import DecodeMethod, register_decode
+from .scoring import attention_scores, max_pool, topk_with_forced
+
+
+def probe_rows(n: int, seed: int, min_probe: int = 64, frac: float = 0.02, n_last: int = 8) -> torch.Tensor:
+    """RandomSelect rows of an n-row input: uniform random rows plus the last few."""
+    s = max(min_probe, math.ceil(frac * n))
+    if n <= s + n_last:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed)
+    rand = torch.randperm(n - n_last, generator=g)[:s]
+    return torch.cat([rand.sort().values, torch.arange(n - n_last, n)])
+
+
+@register_decode
+@dataclass
+class LoopServeDecode(DecodeMethod):
+    name = "loopserve"
+    description = "LoopServe Phase 2: re-select the top-B input keys every n_d generated tokens from their own queries."
+    paper = "LoopServe (arXiv 2507.13681), section on progressive KV compression"
+
+    n_d: int = 16
+    budget: int = 1024
+    sinks: int = 4
+    recent: int = 32
+    pool: int = 7
+    mode: str = "lossless"
+    memory_budget: int = 4096
+    seed: int = 0
+
+    def validate(self) -> None:
+        for knob in ("n_d", "budget", "memory_budget"):
+            v = getattr(self, knob)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"invalid knob {knob}={v!r}: must be an integer >= 1")
+        for knob in ("sinks", "recent", "pool", "seed"):
+            v = getattr(self, knob)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"invalid knob {knob}={v!r}: must be an integer >= 0")
+        if self.mode not in ("lossless", "bounded"):
+            raise ValueError(f"invalid knob mode={self.mode!r}: must be 'lossless' or 'bounded'")
+        if self.mode == "bounded" and self.memory_budget <= self.sinks + self.recent:
+            raise ValueError(f"invalid knob memory_budget={self.memory_budget}: must exceed sinks + recent")
+
+    def __post_init__(self):
+        self.reselections = 0  # decode-time re-selections, summed over layers (tests, stats)
+
+    # -- helpers -------------------------------------------------------------------------
+    def _input_count(self, layer, ctx) -> int:
+        """Resident tokens that belong to the input (history + this turn's input)."""
+        pos = layer.positions[0]
+        return int((pos < ctx.input_end).sum())
+
+    def _select(self, ctx, layer, scores: torch.Tensor, n_in: int) -> None:
+        """Attend to sinks + last `recent` inputs + top-`budget` scored + generated tokens."""
+        forced = torch.zeros(n_in, dtype=torch.bool)
+        forced[: self.sinks] = True
+        if self.recent:
+            forced[-self.recent :] = True
+        keep = topk_with_forced(max_pool(scores, self.pool), self.budget, forced)
+        generated = torch.arange(n_in, layer.length).expand(keep.shape[0], -1)
+        layer.set_view(torch.cat([keep, generated], dim=1))
+
+    def _needs_selection(self, n_in: int) -> bool:
+        # With room for every input token, selection would change nothing: stay exact.
+        return n_in > self.budget + self.sinks + self.recent
+
+    # -- hooks ---------------------------------------------------------------------------
+    def begin_turn(self, ctx) -> None:
+        super().begin_turn(ctx)
+        self._buffers = [[] for _ in range(ctx.num_layers)]
+        self._turn_scores = [None] * ctx.num_layers
+
+    def observe_prefill(self, ctx, layer_idx, q, k) -> None:
+        layer = ctx.cache.layers[layer_idx]
+        n_in = self._input_count(layer, ctx)
+        if not self._needs_selection(n_in) or ctx.q_start + q.shape[-2] < ctx.input_end:
+            return  # short input, or not the final prefill chunk of this turn
+        state = ctx.layer_state[layer_idx]
+        rows = state.get("probe_rows")
+        if rows is None:
+            rows = probe_rows(q.shape[-2], self.seed + layer_idx)
+        q_pos = ctx.positions(q.shape[-2])[rows]
+        scores = attention_scores(q[:, :, rows], k, ctx.scaling, q_pos, layer.positions)
+        self._accumulate(layer_idx, scores)
+        self._select(ctx, layer, scores, n_in)
+
+    def observe_decode(self, ctx, layer_idx, q, layer) -> None:
+        buf = self._buffers[layer_idx]
+        buf.append(q)
+        if len(buf) < self.n_d:
+            return
+        queries = torch.cat(buf, dim=2)
+        buf.clear()
+        n_in = self._input_count(layer, ctx)
+        if not self._needs_selection(n_in):
+            return
+        self.reselections += 1
+        scores = attention_scores(queries, layer.keys[:, :, :n_in], ctx.scaling)
+        self._accumulate(layer_idx, scores)
+        self._select(ctx, layer, scores, n_in)
+
+    def _accumulate(self, layer_idx, scores) -> None:
+        if self.mode != "bounded":
+            return
+        acc = self._turn_scores[layer_idx]
+        if acc is None or acc.shape != scores.shape:
+            self._turn_scores[layer_idx] = scores.clone()
+        else:
+            acc += scores
+
+    def end_turn(self, ctx) -> None:
+        if self.mode != "bounded":
+            return
+        for layer_idx, layer in enumerate(ctx.cache.layers):
+            if layer.length <= self.memory_budget:
+                continue
+            n = layer.length
+            scores = torch.zeros(layer.keys.shape[1], n)
+            acc = self._turn_scores[layer_idx]
+            if acc is not None:
+                scores[:, : acc.shape[1]] += acc
+            buf = self._buffers[layer_idx]
+            if buf:  # the latest generated queries also vote, over every resident token
+                scores += attention_scores(torch.cat(buf, dim=2), layer.keys, ctx.scaling)
+            forced = torch.zeros(n, dtype=torch.bool)
+            forced[: self.sinks] = True
+            forced[-self.recent :] = True if self.recent else False
+            keep = topk_with_forced(max_pool(scores, self.pool), self.memory_budget - int(forced.sum()), forced)
+            layer.keep_only(keep)

@@ -1,0 +1,56 @@
+"""Key scoring and top-B selection shared by LoopServe Phase 2 and the KV baselines."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def attention_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scaling: float,
+    q_pos: torch.Tensor | None = None,
+    k_pos: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax attention of query rows over keys, summed over rows and over each KV head's
+    query heads (GQA): the mass each key receives. Returns float32 (H_kv, N).
+
+    q: (1, H, w, D) post-RoPE queries; k: (1, H_kv, N, D). With positions given, a row at
+    position p only sees keys at positions <= p (k_pos may be (N,) or (H_kv, N)).
+    """
+    _, h, w, d = q.shape
+    h_kv, n = k.shape[1], k.shape[2]
+    g = h // h_kv
+    qf = q[0].float().reshape(h_kv, g * w, d)
+    logits = torch.matmul(qf, k[0].float().transpose(-1, -2)) * scaling  # (H_kv, g*w, N)
+    if q_pos is not None and k_pos is not None:
+        rows = q_pos.repeat(g).view(1, g * w, 1)
+        cols = k_pos.view(-1, 1, n) if k_pos.dim() == 2 else k_pos.view(1, 1, n)
+        logits = logits.masked_fill(cols > rows, float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(dim=1)
+
+
+def max_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Max-pool scores over neighbouring positions (SnapKV's clustering), same length."""
+    if kernel <= 1:
+        return scores
+    return F.max_pool1d(scores.unsqueeze(1), kernel_size=kernel, stride=1, padding=kernel // 2).squeeze(1)[..., : scores.shape[-1]]
+
+
+def topk_with_forced(scores: torch.Tensor, budget: int, forced: torch.Tensor) -> torch.Tensor:
+    """Per head, the `forced` positions plus the top-`budget` others by score.
+
+    scores: (H_kv, N); forced: bool (N,) or (H_kv, N). Returns sorted indices (H_kv, L),
+    the same L for every head (so the kept keys gather into one dense tensor).
+    """
+    h, n = scores.shape
+    forced = forced.expand(h, n) if forced.dim() == 1 else forced
+    n_forced = int(forced.sum(dim=1).max())
+    free = n - n_forced
+    take = min(budget, max(free, 0))
+    # Forced positions get +inf so they always make the cut; heads with fewer forced
+    # positions than the maximum simply keep a few more scored ones.
+    ranked = scores.float().masked_fill(forced, float("inf"))
+    idx = ranked.topk(min(n_forced + take, n), dim=1).indices
+    return idx.sort(dim=1).values

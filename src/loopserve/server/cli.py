@@ -1,0 +1,108 @@
+"""The `serve` command: `loopserve serve --model M --method NAME --host H --port P ...`.
+
+`add_serve_command(subparsers)` registers it on the main `loopserve` parser;
+`python -m loopserve.server [serve] --model ...` runs it on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _parse_knobs(pairs: list[str] | None) -> dict:
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise ValueError(f"--knob expects NAME=VALUE, got {p!r}")
+        k, v = p.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _default_db() -> str:
+    from ..models.loader import model_cache_dir
+
+    return str(model_cache_dir() / "server" / "conversations.sqlite")
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", default="smollm2", help="smollm2 (default), tiny-llama|tiny-qwen2|tiny-qwen3, or a local HF folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--method", default="loopserve", help="method name (see `loopserve methods`), or PREFILL+DECODE")
+    p.add_argument("--knob", action="append", metavar="NAME=VALUE", help="method knob, repeatable (e.g. budget=1024)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("LOOPSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $LOOPSERVE_API_KEY, else no auth)")
+    p.add_argument("--db", default=None,
+                   help="SQLite file for conversations (default: $LOOPSERVE_CACHE/server/conversations.sqlite; "
+                        "':memory:' keeps nothing across restarts)")
+    p.add_argument("--kv-budget-mb", type=float, default=1024.0, help="KV memory of all live sessions before LRU eviction")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting + running before 429")
+    p.add_argument("--max-active", type=int, default=4, help="requests decoded round-robin at once")
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="largest accepted request body")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request sets none")
+    p.add_argument("--default-temperature", type=float, default=1.0, help="temperature when a request sets none (OpenAI: 1)")
+    p.add_argument("--served-model-name", default=None, help="model id reported by /v1/models (default: the model's name)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def cmd_serve(args) -> int:
+    import logging
+
+    import uvicorn
+
+    from ..engine import Engine
+    from ..models import load_model
+    from .app import ServerConfig, create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    knobs = _parse_knobs(args.knob)
+    db = args.db if args.db is not None else _default_db()
+    cfg = ServerConfig(
+        model=args.model, dtype=args.dtype, method=args.method, knobs=knobs, api_key=args.api_key or None,
+        db_path=None if db == ":memory:" else db, kv_budget_bytes=int(args.kv_budget_mb * (1 << 20)),
+        max_queue=args.max_queue, max_active=args.max_active, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        default_max_tokens=args.default_max_tokens, default_temperature=args.default_temperature,
+        served_model_name=args.served_model_name,
+    )
+    engine = Engine(load_model(args.model, dtype=args.dtype), method=args.method, knobs=knobs)
+    app = create_app(engine, cfg)
+    state = app.state.loopserve
+    print(f"loopserve: serving {state.model_id!r} (method {engine.method}) on http://{args.host}:{args.port}/v1 "
+          f"- db {cfg.db_path or ':memory:'}, KV budget {args.kv_budget_mb:g} MiB, queue {cfg.max_queue}"
+          f"{', API key required' if cfg.api_key else ''}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+def add_serve_command(subparsers) -> argparse.ArgumentParser:
+    """Add `serve` to the `loopserve` command's subparsers."""
+    p = subparsers.add_parser("serve", help="OpenAI-compatible chat server with session KV reuse")
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        argv = argv[1:]
+    ap = add_serve_args(argparse.ArgumentParser(prog="python -m loopserve.server", description="LoopServe chat server"))
+    args = ap.parse_args(argv)
+    try:
+        return cmd_serve(args) or 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

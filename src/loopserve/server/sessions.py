@@ -1,0 +1,501 @@
+"""The server's session pool, prompt builder and generation worker.
+
+- `PromptBuilder` turns OpenAI messages into prompt token ids with the chat template, but
+  splices in the ids the model generated for every assistant message it finds in the
+  store (see store.py), so a resent answer matches the cached history token for token.
+- `SessionPool` keeps live `Session`s (one KV cache each). A request goes to the idle
+  session whose history is the longest token prefix of its prompt: continued in place when
+  the whole history is a prefix, otherwise forked (the shared prefix's KV is copied into a
+  new session). When no live session holds the history, it is rebuilt by prefill up to the
+  last spliced answer (the state the conversation was persisted in), and the new turn is
+  prefilled on top. Idle sessions are evicted least recently used first while the KV
+  bytes of all sessions exceed the budget.
+- `Worker` is the one thread that touches the model. It runs up to `max_active` requests
+  round-robin, one decode step each per pass (so a new request's first token does not
+  wait for whole answers of earlier ones), checks cancellation between steps, and
+  persists every finished turn before it reports the end of the answer.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..cache.session_cache import SessionCache
+from ..engine.hook import TurnContext
+from ..engine.registry import resolve_method
+from ..engine.sampling import SamplingParams
+from ..engine.session import Engine, Session
+from .store import ConversationStore, IdsHasher
+
+log = logging.getLogger("loopserve.server")
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix (slice comparisons run at C speed)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def kv_bytes(session: Session) -> int:
+    """Bytes the session's KV cache holds allocated (store capacity and active view), or
+    the resident bytes (`cache.nbytes`) if the layer internals are not what we expect."""
+    total = 0
+    try:
+        for layer in session.cache.layers:
+            for name in ("_k", "_v", "_vk", "_vv", "_pos"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+    except Exception:  # pragma: no cover - defensive
+        total = 0
+    return total or session.cache.nbytes
+
+
+def clone_prefix(session: Session, n: int) -> SessionCache | None:
+    """A new cache holding a copy of the first n tokens' KV of `session`, or None when the
+    cache cannot be cut there (bounded-mode eviction left per-head holes)."""
+    eng = session.engine
+    cache = SessionCache(eng.num_layers)
+    if n <= 0:
+        return cache
+    for src, dst in zip(session.cache.layers, cache.layers):
+        if not src.is_initialized or src.length < n or src.next_position != src.length:
+            return None
+        dst.update(src.keys[..., :n, :], src.values[..., :n, :])
+    return cache
+
+
+def prefill_only(session: Session, ids: list[int]) -> None:
+    """Append `ids` to the session's history by one prefill forward (no generation)."""
+    if not ids:
+        return
+    eng, m = session.engine, session.method
+    start = len(session.token_ids)
+    ctx = TurnContext(session.cache, m.prefill, m.decode, q_start=start, input_end=start + len(ids), num_layers=eng.num_layers)
+    m.decode.begin_turn(ctx)
+    try:
+        eng.forward(list(ids), session.cache, ctx)
+    except BaseException:
+        session.reset()  # a half-written forward: start this session over
+        raise
+    session.token_ids.extend(ids)
+    session.cache.clear_views()
+
+
+# -- prompt building -------------------------------------------------------------------------
+@dataclass
+class BuiltPrompt:
+    ids: list[int]
+    history_end: int = 0  # tokens up to the end of the last spliced answer (a persisted state)
+    conversation_id: str | None = None  # the conversation that answer belongs to
+    spliced: int = 0  # assistant messages whose generated ids were spliced in
+
+
+class PromptBuilder:
+    """Chat template + token splicing of the model's own answers (see module docstring)."""
+
+    def __init__(self, tokenizer, store: ConversationStore | None, model_key: str):
+        # A private copy: encoding here runs in another thread than the worker's decoding.
+        try:
+            self.tokenizer = copy.deepcopy(tokenizer)
+        except Exception:  # pragma: no cover - tokenizers that cannot be copied
+            self.tokenizer = tokenizer
+        self.store = store
+        self.model_key = model_key
+
+    def render(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode_text(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def build(self, messages: list[dict]) -> BuiltPrompt:
+        full = self.render(messages)
+        out = BuiltPrompt(ids=[])
+        if self.store is None:
+            out.ids = self.encode_text(full)
+            return out
+        ids: list[int] = []
+        hasher = IdsHasher()
+        pos = 0
+        for k, m in enumerate(messages):
+            content = m.get("content")
+            if k == 0 or m.get("role") != "assistant" or not isinstance(content, str) or not content:
+                continue
+            head = self.render(messages[:k])
+            start = len(head)
+            if start < pos or not full.startswith(head) or full[start : start + len(content)] != content:
+                continue  # the template does not render this answer verbatim after its prompt
+            seg = self.encode_text(full[pos:start])
+            h = hasher.copy().update(seg)
+            rec = self.store.find_answer(self.model_key, h.hexdigest(), content)
+            if rec is None or not rec.token_ids:
+                continue
+            if self.tokenizer.decode(rec.token_ids, skip_special_tokens=True) != content:
+                continue  # a store written with another tokenizer
+            ids += seg
+            ids += rec.token_ids
+            h.update(rec.token_ids)
+            hasher = h
+            pos = start + len(content)
+            out.history_end = len(ids)
+            out.conversation_id = rec.conversation_id if rec.exact else None
+            out.spliced += 1
+        ids += self.encode_text(full[pos:])
+        out.ids = ids
+        return out
+
+
+# -- the pool ----------------------------------------------------------------------------------
+@dataclass
+class PooledSession:
+    sid: str
+    session: Session
+    conversation_id: str
+    knobs: dict
+    last_used: float = field(default_factory=time.monotonic)
+    busy: bool = False
+
+
+@dataclass
+class Acquired:
+    pooled: PooledSession
+    kind: str  # "continue" | "fork" | "new" (+ "+rebuild" when history was prefilled first)
+    reused: int  # tokens of KV found live (kept in place or copied)
+    rebuilt: int  # tokens of history prefilled before the turn (rebuild of a lost session)
+
+
+class SessionPool:
+    """Live sessions with LRU eviction under a KV byte budget. Used only by the worker."""
+
+    def __init__(self, engine: Engine, budget_bytes: int, method: str | None = None, knobs: dict | None = None):
+        self.engine = engine
+        self.budget_bytes = int(budget_bytes)
+        self.method = method or engine.method
+        self.knobs = dict(engine.knobs if knobs is None else knobs)
+        self.sessions: dict[str, PooledSession] = {}
+        self.evictions = 0
+        self.forks = 0
+        self.rebuilds = 0
+
+    def _new(self, cache: SessionCache | None, token_ids: list[int], conversation_id: str | None, knobs: dict) -> PooledSession:
+        s = self.engine.new_session(method=self.method, knobs=knobs)
+        if cache is not None:
+            s.cache = cache
+            s.token_ids = list(token_ids)
+        p = PooledSession(uuid.uuid4().hex[:12], s, conversation_id or f"conv-{uuid.uuid4().hex[:16]}", dict(knobs))
+        self.sessions[p.sid] = p
+        return p
+
+    def acquire(self, prompt: list[int], knobs: dict | None = None, history_end: int = 0, conversation_id: str | None = None) -> Acquired:
+        knobs = dict(self.knobs if knobs is None else knobs)
+        best_in_place, in_place_len = None, 0
+        best_fork, fork_len = None, 0
+        for p in self.sessions.values():
+            if p.busy:
+                continue
+            hist = p.session.token_ids
+            n = common_prefix(hist, prompt)
+            if n == len(hist) and n > in_place_len:
+                best_in_place, in_place_len = p, n
+            if n > fork_len:
+                best_fork, fork_len = p, n
+        if best_in_place is not None and in_place_len >= fork_len:
+            pooled, kind, reused = best_in_place, "continue", in_place_len
+        else:
+            pooled = None
+            if best_fork is not None:
+                n = min(fork_len, len(prompt) - 1)
+                cache = clone_prefix(best_fork.session, n)
+                if cache is not None:
+                    pooled = self._new(cache, prompt[:n], conversation_id, knobs)
+                    kind, reused = "fork", n
+                    self.forks += 1
+            if pooled is None:
+                pooled = self._new(None, [], conversation_id, knobs)
+                kind, reused = "new", 0
+        pooled.busy = True
+        pooled.last_used = time.monotonic()
+        try:
+            if pooled.knobs != knobs:
+                pooled.session.method = resolve_method(self.method, knobs)
+                pooled.knobs = dict(knobs)
+            rebuilt = 0
+            have = len(pooled.session.token_ids)
+            end = min(history_end, len(prompt) - 1)
+            # (A live session that lacks only the last answer token, which decoding never feeds
+            # back, is not a lost history: the turn's prefill covers that token.)
+            if end - have > 1 and common_prefix(pooled.session.token_ids, prompt) == have:
+                prefill_only(pooled.session, prompt[have:end])
+                rebuilt = end - have
+                kind += "+rebuild"
+                self.rebuilds += 1
+        except BaseException:
+            self.drop(pooled)
+            raise
+        return Acquired(pooled, kind, reused, rebuilt)
+
+    def release(self, pooled: PooledSession) -> None:
+        pooled.busy = False
+        pooled.last_used = time.monotonic()
+        if not pooled.session.token_ids:
+            self.drop(pooled)
+
+    def drop(self, pooled: PooledSession) -> None:
+        self.sessions.pop(pooled.sid, None)
+
+    def total_bytes(self) -> int:
+        return sum(kv_bytes(p.session) for p in self.sessions.values())
+
+    def enforce_budget(self) -> int:
+        """Evict idle sessions, least recently used first, until within budget."""
+        sizes = {sid: kv_bytes(p.session) for sid, p in self.sessions.items()}
+        total = sum(sizes.values())
+        evicted = 0
+        for p in sorted((p for p in self.sessions.values() if not p.busy), key=lambda p: p.last_used):
+            if total <= self.budget_bytes:
+                break
+            total -= sizes[p.sid]
+            self.drop(p)
+            evicted += 1
+        self.evictions += evicted
+        return evicted
+
+
+# -- the worker --------------------------------------------------------------------------------
+class Job:
+    """One chat-completion request as the worker sees it.
+
+    `sink(kind, payload)` reports to the request's handler (thread-safe): ("delta", text),
+    ("done", info dict), ("error", exception) or ("cancelled", None); exactly one of the
+    last three ends the job.
+    """
+
+    def __init__(self, prompt: BuiltPrompt, sampling: SamplingParams, knobs: dict, messages: list[dict],
+                 sink: Callable[[str, object], None], request_id: str = ""):
+        self.prompt = prompt
+        self.sampling = sampling
+        self.knobs = knobs
+        self.messages = messages
+        self.sink = sink
+        self.request_id = request_id or uuid.uuid4().hex
+        self.cancel_event = threading.Event()
+        self.t_submit = time.perf_counter()
+        self.t_start = 0.0
+        self.t_first = 0.0
+        self.acquired: Acquired | None = None
+        self.stream = None
+        self.deltas = 0
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+
+class Worker:
+    def __init__(self, pool: SessionPool, store: ConversationStore | None, model_key: str, metrics=None, max_active: int = 4):
+        self.pool = pool
+        self.store = store
+        self.model_key = model_key
+        self.metrics = metrics
+        self.max_active = max(1, int(max_active))
+        self._q: "queue.Queue[Job | None]" = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.active: list[Job] = []
+
+    # -- control -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="loopserve-worker", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._q.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, job: Job) -> None:
+        self._q.put(job)
+
+    @property
+    def waiting(self) -> int:
+        return self._q.qsize()
+
+    def _m(self, fn: str, *args) -> None:
+        if self.metrics is not None:
+            try:
+                getattr(self.metrics, fn)(*args)
+            except Exception:  # pragma: no cover - metrics never break serving
+                log.exception("metrics update failed")
+
+    # -- the loop ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._admit()
+                for job in list(self.active):
+                    self._step(job)
+            except Exception:  # pragma: no cover - the loop must survive anything
+                log.exception("worker loop error")
+        for job in list(self.active):
+            self._cancel(job)
+        while True:
+            try:
+                job = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.sink("error", RuntimeError("server shutting down"))
+
+    def _admit(self) -> None:
+        while len(self.active) < self.max_active:
+            try:
+                job = self._q.get(timeout=0.2) if not self.active else self._q.get_nowait()
+            except queue.Empty:
+                return
+            if job is None:
+                return
+            if job.cancelled:
+                self._m("cancelled", 0)
+                job.sink("cancelled", None)
+                continue
+            try:
+                self._start(job)
+            except Exception as e:
+                log.exception("request %s failed to start", job.request_id)
+                self._m("failed")
+                job.sink("error", e)
+                continue
+            self.active.append(job)
+
+    def _start(self, job: Job) -> None:
+        job.t_start = time.perf_counter()
+        self._m("queue_wait", job.t_start - job.t_submit)
+        p = job.prompt
+        acq = self.pool.acquire(p.ids, job.knobs, history_end=p.history_end, conversation_id=p.conversation_id)
+        job.acquired = acq
+        try:
+            job.stream = acq.pooled.session.stream_ids(p.ids, job.sampling)
+        except BaseException:
+            self.pool.release(acq.pooled)
+            raise
+        self.pool.enforce_budget()
+
+    def _step(self, job: Job) -> None:
+        if job.cancelled:
+            self._cancel(job)
+            return
+        try:
+            delta = next(job.stream)
+        except StopIteration:
+            self.active.remove(job)
+            self._finish(job)
+            return
+        except Exception as e:
+            self.active.remove(job)
+            log.exception("request %s failed", job.request_id)
+            self.pool.drop(job.acquired.pooled)
+            self._m("failed")
+            job.sink("error", e)
+            return
+        if not job.t_first:
+            job.t_first = time.perf_counter()
+        job.deltas += 1
+        job.sink("delta", delta)
+
+    def _cancel(self, job: Job) -> None:
+        if job in self.active:
+            self.active.remove(job)
+        generated = 0
+        if job.acquired is not None:
+            s = job.acquired.pooled.session
+            generated = max(0, len(s.token_ids) - len(job.prompt.ids))
+            try:
+                if job.stream is not None:
+                    job.stream.close()  # the engine cuts the cache back to its last consistent state
+            except Exception:  # pragma: no cover
+                log.exception("closing a cancelled stream failed")
+                self.pool.drop(job.acquired.pooled)
+            self.pool.release(job.acquired.pooled)
+        self._m("cancelled", generated)
+        job.sink("cancelled", None)
+
+    def _finish(self, job: Job) -> None:
+        acq = job.acquired
+        res = job.stream.result
+        pooled = acq.pooled
+        tok = pooled.session.engine.tokenizer
+        text = res.text
+        decoded = tok.decode(res.token_ids, skip_special_tokens=True)
+        # The engine holds back a trailing incomplete character (U+FFFD) and drops it when the
+        # answer ends on EOS; send it, so the text the client resends is what the ids decode to.
+        if not job.sampling.stop and decoded != text and decoded.startswith(text):
+            job.sink("delta", decoded[len(text):])
+            text = decoded
+        answer_ids = list(res.token_ids) if decoded == text else None
+        st = res.stats
+        persisted = False
+        if self.store is not None:
+            try:
+                self.store.save_turn(
+                    pooled.conversation_id, model=self.model_key, method=self.pool.method, knobs=pooled.knobs,
+                    messages=job.messages + [{"role": "assistant", "content": text}],
+                    prompt_ids=job.prompt.ids, answer_text=text, answer_ids=answer_ids,
+                )
+                persisted = True
+            except Exception:
+                log.exception("could not persist conversation %s", pooled.conversation_id)
+                self._m("persist_failed")
+        self.pool.release(pooled)
+        self.pool.enforce_budget()
+        now = time.perf_counter()
+        info = {
+            "text": text,
+            "finish_reason": st.finish_reason or "length",
+            "prompt_tokens": st.prompt_tokens,
+            "completion_tokens": st.new_tokens,
+            # Reused from a live KV cache; history rebuilt by prefill in this request is not "cached".
+            "cached_tokens": max(0, st.cached_tokens - acq.rebuilt),
+            "prefill_tokens": st.prefill_tokens + acq.rebuilt,
+            "rebuilt_tokens": acq.rebuilt,
+            "session": acq.kind,
+            "session_id": pooled.sid,
+            "conversation_id": pooled.conversation_id,
+            "spliced_answers": job.prompt.spliced,
+            "persisted": persisted,
+            "method": st.method,
+            "queue_s": round(job.t_start - job.t_submit, 6),
+            "ttft_s": round((job.t_first or now) - job.t_submit, 6),
+            "prefill_s": round(st.prefill_s, 6),
+            "decode_s": round(st.decode_s, 6),
+            "kv_tokens": st.kv_tokens,
+            "active_kv_tokens": st.active_kv_tokens,
+        }
+        self._m("finished", info)
+        job.sink("done", info)

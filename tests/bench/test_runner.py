@@ -1,0 +1,325 @@
+"""`loopserve bench build | run | report` on the tiny model: the CI smoke test of issue 6.
+
+2 datasets x 1 conversation x 3 positions x (dense + one more method), context 2000
+(the builder's minimum; 2000 bytes for the tiny byte-level tokenizer), answers capped
+at 3 tokens. Then resume, interruption and bad-input behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from loopserve.bench import POSITIONS, build_datasets, load_dataset
+from loopserve.bench.commands import main
+from loopserve.bench.runner import BenchError, Unit, check_fits, read_results, resolve_knobs
+from loopserve.engine import method_names, resolve_method
+from loopserve.engine import session as session_mod
+from loopserve.models import load_tokenizer
+
+DATASETS = ("passkey", "nq")
+CONTEXT = 2000
+CAP = 3
+# dense and one other method (whichever baseline is registered), so relative columns exist.
+SECOND = next((m for m in ("streamingllm", "snapkv", "loopserve") if m in method_names()), None)
+METHODS = ["dense"] + ([SECOND] if SECOND else [])
+
+
+def _count(tok):
+    return lambda text: len(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tokenizer) -> Path:
+    out = tmp_path_factory.mktemp("bench-data")
+    build_datasets(out, context_tokens=CONTEXT, seed=0, count_tokens=_count(tokenizer),
+                   conversations_per_dataset=1, datasets=DATASETS)
+    return out
+
+
+def run_args(data: Path, out: Path, *, methods=METHODS, datasets=DATASETS, positions=POSITIONS,
+             cap: int = CAP, extra: tuple = ()) -> list[str]:
+    return [
+        "run", "--model", "tiny-llama", "--methods", ",".join(methods), "--datasets", ",".join(datasets),
+        "--positions", ",".join(positions), "--context", str(CONTEXT), "--limit", "1", "--data", str(data),
+        "--out", str(out), "--max-new-tokens", str(cap), "--no-progress", *extra,
+    ]
+
+
+def turns_of(data_dir: Path, dataset: str) -> int:
+    return len(load_dataset(data_dir / f"{dataset}.jsonl")[0]["turns"])
+
+
+@pytest.fixture(scope="module")
+def smoke(data_dir, tmp_path_factory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("smoke")
+    results = out / "results.jsonl"
+    assert main(run_args(data_dir, results)) == 0
+    report = out / "report"
+    assert main(["report", "--results", str(results), "--out", str(report)]) == 0
+    return results, report
+
+
+@pytest.fixture
+def chat_calls(monkeypatch) -> list:
+    """Counts Session.chat calls (the warm-up call included)."""
+    calls = []
+    real = session_mod.Session.chat
+
+    def counting(self, text, sampling=None):
+        calls.append(self.method.name)
+        return real(self, text, sampling)
+
+    monkeypatch.setattr(session_mod.Session, "chat", counting)
+    return calls
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# --------------------------------------------------------------------------- smoke
+
+
+def test_smoke_run_writes_one_record_per_turn(smoke, data_dir, tokenizer):
+    results, _ = smoke
+    recs = records(results)
+    per_unit = sum(turns_of(data_dir, d) for d in DATASETS) * len(POSITIONS)
+    assert len(recs) == per_unit * len(METHODS)
+    keys = {(r["method"], r["dataset"], r["conversation"], r["position"], r["turn"]) for r in recs}
+    assert len(keys) == len(recs)
+    assert {r["method"] for r in recs} == set(METHODS)
+    assert {r["dataset"] for r in recs} == set(DATASETS)
+    assert {r["position"] for r in recs} == set(POSITIONS)
+    for r in recs:
+        assert 0.0 <= r["score"] <= 1.0
+        assert 1 <= r["new_tokens"] <= CAP and r["max_new_tokens"] == CAP
+        assert r["ttft_s"] > 0 and r["tpot_s"] >= 0 and r["peak_rss_mb"] > 0
+        assert r["active_kv_tokens"] > 0 and r["kv_bytes"] > 0
+        assert r["model"] == "tiny-llama" and r["golds"] and isinstance(r["prediction"], str)
+        if r["method"] == "dense":
+            assert r["prefill_density"] == 1.0
+    # Honest history: each dense turn's prompt is the conversation so far with the model's
+    # OWN answers (not the golds), and everything before the new message comes from the cache.
+    for dataset in DATASETS:
+        conv = load_dataset(data_dir / f"{dataset}.jsonl")[0]
+        for pos in POSITIONS:
+            unit = sorted((r for r in recs if r["method"] == "dense" and r["dataset"] == dataset
+                           and r["position"] == pos), key=lambda r: r["turn"])
+            assert [r["turn"] for r in unit] == list(range(len(conv["turns"])))
+            messages = []
+            for r, turn in zip(unit, conv["turns"]):
+                messages.append({"role": "user", "content": turn["user"][pos]})
+                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                assert r["prompt_tokens"] == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                assert r["golds"] == turn["answers"] and r["depends_on"] == turn["depends_on"]
+                if r["turn"] > 0:
+                    assert r["cached_tokens"] > 0
+                messages.append({"role": "assistant", "content": r["prediction"]})
+
+
+def test_smoke_report(smoke):
+    _, report = smoke
+    for name in ("report.md", "summary.json", "score_by_position.png", "latency.png"):
+        assert (report / name).is_file(), name
+    for name in ("score_by_position.png", "latency.png"):
+        assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (report / "report.md").read_text(encoding="utf-8")
+    assert "## Headline" in md and "fidelity" in md and "![score by question position](score_by_position.png)" in md
+    for d in DATASETS:
+        assert f"### {d} (" in md
+    for m in METHODS:
+        assert f"| {m} |" in md or f"| **{m}** |" in md
+    summary = json.loads((report / "summary.json").read_text(encoding="utf-8"))
+    assert summary["methods"] == METHODS and summary["reference"] == "dense"
+    assert set(summary["datasets"]) == set(DATASETS) and summary["positions"] == list(POSITIONS)
+    assert len(summary["cells"]) == len(DATASETS) * (len(POSITIONS) + 1) * len(METHODS)
+    rows = {(r["position"], r["method"]): r for r in summary["averages"]}
+    assert set(rows) == {(p, m) for p in (*POSITIONS, "all") for m in METHODS}
+    assert rows[("all", "dense")]["fidelity"] == 1.0 and rows[("all", "dense")]["score_delta"] == 0.0
+    if SECOND:
+        other = rows[("all", SECOND)]
+        assert 0.0 <= other["fidelity"] <= 1.0 and other["ttft_speedup"] > 0
+        assert other["paired"] == rows[("all", "dense")]["turns"]
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_rerun_skips_finished_units_and_leaves_the_file_identical(smoke, data_dir, tmp_path, chat_calls):
+    results = tmp_path / "results.jsonl"
+    shutil.copy(smoke[0], results)
+    before = results.read_bytes()
+    assert main(run_args(data_dir, results)) == 0
+    assert chat_calls == []
+    assert results.read_bytes() == before
+
+
+def test_rerun_redoes_only_the_unfinished_unit(smoke, data_dir, tmp_path, chat_calls):
+    results = tmp_path / "results.jsonl"
+    lines = smoke[0].read_text(encoding="utf-8").splitlines(keepends=True)
+    last = json.loads(lines[-1])
+    unit = lambda r: (r["method"], r["dataset"], r["conversation"], r["position"])  # noqa: E731
+    # Cut the last unit after its first turn, and end on a write cut short by a kill.
+    kept = [ln for ln in lines if unit(json.loads(ln)) != unit(last) or json.loads(ln)["turn"] == 0]
+    results.write_text("".join(kept) + '{"schema": 1, "method": "de', encoding="utf-8")
+    assert main(run_args(data_dir, results)) == 0
+    n = last["turns"]
+    assert chat_calls == [resolve_method(last["method"]).name] * (n + 1)  # + 1 warm-up
+    after = results.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert len(after) == len(lines)
+    others = [ln for ln in lines if unit(json.loads(ln)) != unit(last)]
+    assert after[: len(others)] == others  # finished units kept byte for byte
+    redone = [json.loads(ln) for ln in after[len(others):]]
+    assert [r["turn"] for r in redone] == list(range(n)) and all(unit(r) == unit(last) for r in redone)
+
+
+def test_interrupted_run_loses_nothing(data_dir, tmp_path, monkeypatch):
+    results = tmp_path / "results.jsonl"
+    args = run_args(data_dir, results, methods=["dense"], datasets=["passkey"], positions=["front"])
+    real = session_mod.Session.chat
+    calls = []
+
+    def interrupted(self, text, sampling=None):
+        calls.append(1)
+        if len(calls) == 4:  # warm-up, turn 0, turn 1, then Ctrl-C during turn 2
+            raise KeyboardInterrupt
+        return real(self, text, sampling)
+
+    monkeypatch.setattr(session_mod.Session, "chat", interrupted)
+    assert main(args) == 130
+    partial = records(results)
+    assert [r["turn"] for r in partial] == [0, 1]
+    monkeypatch.setattr(session_mod.Session, "chat", real)
+    assert main(args) == 0
+    done = records(results)
+    assert [r["turn"] for r in done] == list(range(turns_of(data_dir, "passkey")))
+    # A complete last record that lost its newline: the next unit's records start on a new line.
+    results.write_bytes(results.read_bytes().rstrip(b"\n"))
+    more = run_args(data_dir, results, methods=["dense"], datasets=["passkey"], positions=["front", "middle"])
+    assert main(more) == 0
+    assert [(r["position"], r["turn"]) for r in records(results)] == [
+        (p, t) for p in ("front", "middle") for t in range(len(done))
+    ]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"datasets": ["passkey", "nope"]}, "unknown datasets 'nope'"),
+        ({"methods": ["dense", "no-such-method"]}, "unknown method 'no-such-method'"),
+        ({"positions": ["front", "top"]}, "unknown positions 'top'"),
+        ({"extra": ("--knob", "no_such_knob=1")}, "no_such_knob"),
+        ({"extra": ("--knob", "dense:no_such_knob=1")}, "no_such_knob"),
+        ({"cap": 2}, "max_new_tokens=3, this run has max_new_tokens=2"),
+    ],
+)
+def test_bad_input_leaves_results_untouched(smoke, data_dir, tmp_path, capsys, chat_calls, change, message):
+    results = tmp_path / "results.jsonl"
+    shutil.copy(smoke[0], results)
+    before = results.read_bytes()
+    kw = {k: v for k, v in change.items()}
+    assert main(run_args(data_dir, results, **kw)) == 2
+    assert message in capsys.readouterr().err
+    assert results.read_bytes() == before
+    assert chat_calls == []
+
+
+def test_malformed_dataset_line_is_an_error_naming_the_line(smoke, data_dir, tmp_path, capsys, chat_calls):
+    bad = tmp_path / "data"
+    shutil.copytree(data_dir, bad)
+    path = bad / "nq.jsonl"
+    line = path.read_text(encoding="utf-8")
+    path.write_text(line + line.replace('"turns": [', '"turns": 7, "x": ['), encoding="utf-8")  # line 2 broken
+    results = tmp_path / "results.jsonl"
+    shutil.copy(smoke[0], results)
+    before = results.read_bytes()
+    assert main(run_args(bad, results)) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:2:" in err
+    assert results.read_bytes() == before
+    assert chat_calls == []
+
+
+def test_malformed_results_line_is_an_error_naming_the_line(smoke, data_dir, tmp_path, capsys, chat_calls):
+    results = tmp_path / "results.jsonl"
+    lines = smoke[0].read_text(encoding="utf-8").splitlines(keepends=True)
+    results.write_text(lines[0] + "{not json\n" + "".join(lines[1:]), encoding="utf-8")
+    before = results.read_bytes()
+    assert main(run_args(data_dir, results)) == 2
+    assert f"{results}:2: invalid JSON" in capsys.readouterr().err
+    assert results.read_bytes() == before
+    assert main(["report", "--results", str(results), "--out", str(tmp_path / "rep")]) == 2
+    assert not (tmp_path / "rep").exists()
+    assert chat_calls == []
+
+
+def test_missing_dataset_file(tmp_path, capsys):
+    assert main(run_args(tmp_path, tmp_path / "r.jsonl", methods=["dense"])) == 2
+    assert "dataset file not found" in capsys.readouterr().err
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_build_command_is_deterministic_and_merges_manifest(data_dir, tmp_path):
+    out = tmp_path / "built"
+    base = ["build", "--context", str(CONTEXT), "--seed", "0", "--out", str(out), "--conversations", "1",
+            "--tokenizer", "tiny-llama"]
+    assert main(base + ["--datasets", "passkey"]) == 0
+    assert main(base + ["--datasets", "nq"]) == 0
+    for d in DATASETS:
+        assert (out / f"{d}.jsonl").read_bytes() == (data_dir / f"{d}.jsonl").read_bytes()
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert set(manifest["datasets"]) == set(DATASETS)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert main(base + ["--datasets", "nope"]) == 2
+
+
+def test_knobs_are_routed_to_the_methods_that_declare_them():
+    owner = next((m for m in method_names() if m != "dense" and resolve_method(m).knobs()), None)
+    if owner is None:
+        pytest.skip("no method with knobs registered")
+    name, value = next(iter(resolve_method(owner).knobs().items()))
+    assert resolve_knobs(["dense", owner], {name: value}) == {"dense": {}, owner: {name: value}}
+    assert resolve_knobs(["dense", owner], None, {owner: {name: value}}) == {"dense": {}, owner: {name: value}}
+    with pytest.raises(BenchError, match="not among --methods"):
+        resolve_knobs(["dense"], None, {owner: {name: value}})
+
+
+def test_check_fits_rejects_conversations_beyond_the_context_window(data_dir):
+    conv = load_dataset(data_dir / "passkey.jsonl")[0]
+
+    class Stub:
+        max_context = 1000
+
+        def encode_messages(self, messages):
+            return [0] * sum(len(m["content"]) for m in messages)
+
+    unit = Unit("dense", "passkey", conv, "back", {}, 16, "x")
+    with pytest.raises(BenchError, match="context window of 1000"):
+        check_fits(Stub(), [unit])
+    Stub.max_context = 10**6
+    check_fits(Stub(), [unit])
+
+
+def test_read_results_drops_only_a_cut_last_line(smoke, tmp_path):
+    text = smoke[0].read_text(encoding="utf-8")
+    path = tmp_path / "r.jsonl"
+    path.write_text(text + '{"method": "den', encoding="utf-8")
+    rows, dropped = read_results(path, allow_truncated_tail=True)
+    assert dropped and len(rows) == len(text.splitlines())
+    with pytest.raises(BenchError, match=rf":{len(rows) + 1}: invalid JSON"):
+        read_results(path)

@@ -1,0 +1,118 @@
+"""Phase 2 (progressive KV selection during decoding): defining properties."""
+
+import pytest
+import torch
+
+from loopserve.cache.loopserve import probe_rows
+from loopserve.engine import Engine, SamplingParams
+from tests.conftest import TINY
+
+LONG = "The river carried stories from the mountains to the sea, one stone at a time. " * 4
+SMALL = dict(budget=16, n_d=4, sinks=2, recent=4)
+
+
+def _layers_view(session):
+    return [layer.view_idx for layer in session.cache.layers]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_budget_covering_history_decodes_exactly_dense(tiny_models, name):
+    engine = Engine(tiny_models[name])
+    dense = engine.new_session()
+    ours = engine.new_session(method="loopserve", knobs={"budget": 4000, "n_d": 4})
+    for text in [LONG, "And then?", "Why so?"]:
+        a = dense.chat(text, SamplingParams(max_new_tokens=12))
+        b = ours.chat(text, SamplingParams(max_new_tokens=12))
+        assert a.token_ids == b.token_ids
+        ours.messages = list(dense.messages)  # identical histories, even past a divergence
+
+
+def test_reselection_happens_exactly_every_n_d_tokens(tiny_models):
+    engine = Engine(tiny_models["tiny-llama"])
+    session = engine.new_session(method="loopserve", knobs=SMALL)
+    layers = engine.num_layers
+    decode = session.method.decode
+    views_seen = []
+    real_observe = decode.observe_decode
+
+    def spy(ctx, layer_idx, q, layer):
+        before = None if layer.view_idx is None else layer.view_idx.clone()
+        real_observe(ctx, layer_idx, q, layer)
+        if layer_idx == 0:
+            changed = before is None or layer.view_idx.shape != before.shape or not torch.equal(layer.view_idx, before)
+            views_seen.append(changed)
+
+    decode.observe_decode = spy
+    r = session.chat(LONG, SamplingParams(max_new_tokens=18))
+    assert r.stats.finish_reason == "length" and r.stats.new_tokens == 18
+    steps = r.stats.new_tokens - 1  # the first token comes from the prefill
+    assert decode.reselections == (steps // SMALL["n_d"]) * layers
+    # The selection changes exactly at steps n_d, 2 n_d, ... (1-based) and not in between.
+    assert [i + 1 for i, c in enumerate(views_seen) if c] == list(range(SMALL["n_d"], steps + 1, SMALL["n_d"]))
+
+
+def test_generated_sinks_and_recent_are_always_kept(tiny_models):
+    engine = Engine(tiny_models["tiny-qwen2"])
+    session = engine.new_session(method="loopserve", knobs=SMALL)
+    r = session.chat(LONG, SamplingParams(max_new_tokens=14))
+    n_in = r.stats.prompt_tokens
+    for layer in session.cache.layers:
+        view = layer.view_idx
+        assert view is not None, "a long input must be compressed"
+        for head in view:
+            kept = set(head.tolist())
+            assert set(range(SMALL["sinks"])) <= kept
+            assert set(range(n_in - SMALL["recent"], n_in)) <= kept
+            assert set(range(n_in, layer.length)) <= kept  # every generated token
+            assert len([i for i in kept if i < n_in]) == SMALL["budget"] + SMALL["sinks"] + SMALL["recent"]
+    assert r.stats.active_kv_tokens < r.stats.kv_tokens
+
+
+def test_bounded_mode_respects_memory_budget_over_five_turns(tiny_models):
+    engine = Engine(tiny_models["tiny-llama"])
+    budget = 96
+    session = engine.new_session(method="loopserve", knobs={**SMALL, "mode": "bounded", "memory_budget": budget})
+    cfg = engine.model.config
+    per_token = cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * 4
+    for turn in range(5):
+        r = session.chat(f"Turn {turn}: " + LONG[: 120], SamplingParams(max_new_tokens=10))
+        assert r.stats.kv_bytes <= budget * per_token
+        assert all(layer.length <= budget for layer in session.cache.layers)
+        assert r.stats.new_tokens > 0
+    # Positions keep counting: the logical length is the whole conversation, not the budget.
+    assert session.cache.get_seq_length() == len(session.token_ids) > budget
+
+
+def test_lossless_mode_can_reselect_a_token_dropped_earlier(tiny_models):
+    engine = Engine(tiny_models["tiny-llama"])
+    session = engine.new_session(method="loopserve", knobs=SMALL)
+    session.chat(LONG, SamplingParams(max_new_tokens=9))
+    session.chat("Now something different: " + LONG[::-1][:150], SamplingParams(max_new_tokens=9))
+    dropped = []
+    for layer in session.cache.layers:
+        n = layer.length
+        kept = [set(h.tolist()) for h in layer.view_idx]
+        dropped.append([set(range(n)) - k for k in kept])
+    full = [layer.length for layer in session.cache.layers]
+    session.chat("Back to the river: what did it carry?", SamplingParams(max_new_tokens=9))
+    revived = 0
+    for li, layer in enumerate(session.cache.layers):
+        assert layer.length > full[li]  # lossless: nothing was evicted
+        for h, head in enumerate(layer.view_idx):
+            revived += len(dropped[li][h] & set(head.tolist()))
+    assert revived > 0
+
+
+def test_probe_rows_spread_over_the_input():
+    rows = probe_rows(4000, seed=0)
+    assert len(rows) >= 80
+    quartiles = torch.bucketize(rows, torch.tensor([1000, 2000, 3000]))
+    assert set(quartiles.tolist()) == {0, 1, 2, 3}
+    assert torch.equal(rows, probe_rows(4000, seed=0))
+
+
+@pytest.mark.parametrize("knobs,msg", [({"n_d": 0}, "n_d"), ({"mode": "lossy"}, "mode"), ({"budget": -5}, "budget")])
+def test_invalid_knobs_are_rejected(tiny_models, knobs, msg):
+    engine = Engine(tiny_models["tiny-llama"])
+    with pytest.raises(ValueError, match=msg):
+        engine.new_session(method="loopserve", knobs=knobs)
