@@ -166,6 +166,15 @@ def cmd_bench_prefill(args) -> int:
     return 0
 
 
+def cmd_bench_fidelity(args) -> int:
+    from .bench.fidelity import run_fidelity
+
+    r = run_fidelity(_engine(args), args.method, knobs=_knobs(args.knob), context=args.context, count=args.count,
+                     max_new_tokens=args.max_new_tokens, progress=_progress("fidelity"))
+    _emit(r, args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="loopserve", description="LoopServe: fast long multi-turn LLM inference")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -225,6 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     p.set_defaults(func=cmd_bench_prefill)
+
+    p = bench.add_parser("fidelity", help="ROUGE-L of a method's greedy answers against dense's, 20 long prompts")
+    _model_args(p, method="dense+loopserve")
+    p.add_argument("--context", type=int, default=4000)
+    p.add_argument("--count", type=int, default=20)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print only the JSON object")
+    p.set_defaults(func=cmd_bench_fidelity)
+
+    from .bench.commands import add_bench_commands
+
+    add_bench_commands(bench)  # bench build / run / report (the multi-turn benchmark)
     return ap
 
 

@@ -187,32 +187,31 @@ def probe_attention(
 
     Returns ``(A, pos)``: ``A`` is ``(B, s, N)`` with B = H_kv (query heads of a group
     summed, so each row of a head sums to the group size) or B = H if
-    ``per_query_head``; ``pos`` is the absolute position of each probe row.
+    ``per_query_head``; ``pos`` is the absolute position of each probe row. Rows are
+    returned in ascending order (``rows`` is sorted first).
     """
     H, Hkv, n, N, D = _check_shapes(q, k)
     G = H // Hkv
     scale = D**-0.5 if scale is None else scale
-    rows = torch.as_tensor(rows, dtype=torch.long)
+    rows = torch.as_tensor(rows, dtype=torch.long).sort().values
     pos = (N - n) + rows
     s = len(rows)
-    A = torch.zeros(H if per_query_head else Hkv, s, N)
-    # Rows in position order, a group at a time: a group only needs the keys up to its
-    # last row (about 2/3 of the work without history), and its scores stay small.
-    order = torch.argsort(pos)
-    for h in range(Hkv):
-        kh = k[h].float()
-        for a in range(0, s, group):
-            idx = order[a : a + group]
-            p = pos[idx]
-            end = int(p.max()) + 1
-            qp = q[h * G : (h + 1) * G, rows[idx]].float().reshape(-1, D)
-            sc = (qp @ kh[:end].T).mul_(scale).view(G, len(idx), end)
-            sc.masked_fill_(torch.arange(end)[None, :] > p[:, None], float("-inf"))
-            sc = torch.softmax(sc, dim=-1)
+    A = torch.empty(H if per_query_head else Hkv, s, N)
+    # A group of rows at a time: a group only needs the keys up to its last row (about
+    # 2/3 of the work without history), and its scores stay small.
+    for a in range(0, s, group):
+        b = min(s, a + group)
+        end = int(pos[b - 1]) + 1
+        A[:, a:b, end:] = 0.0
+        noncausal = torch.arange(end)[None, :] > pos[a:b, None]
+        for h in range(Hkv):
+            qp = q[h * G : (h + 1) * G, rows[a:b]].float().reshape(-1, D)
+            sc = (qp @ k[h, :end].float().T).mul_(scale).view(G, b - a, end)
+            sc = torch.softmax(sc.masked_fill_(noncausal, float("-inf")), dim=-1)
             if per_query_head:
-                A[h * G : (h + 1) * G, idx, :end] = sc
+                A[h * G : (h + 1) * G, a:b, :end] = sc
             else:
-                A[h, idx, :end] = sc.sum(0)
+                torch.sum(sc, 0, out=A[h, a:b, :end])
     return A, pos
 
 
@@ -290,42 +289,42 @@ def greedy_cover(
     A = A.float()
     cols = torch.arange(N)
     rows = torch.arange(s)
-    # Initial line masses, accumulated in fp64 (exact sums of the fp32 cells, so that a
-    # fully covered line ends at gain ~1e-16, not at fp32 round-off), a few rows at a
-    # time to keep temporaries small. Slash o of row r is the cell (r, pos_r - o).
-    vgain = torch.zeros(B, N, dtype=torch.float64)
-    sgain = torch.zeros(B, N, dtype=torch.float64)
+    # gain[b, 0, j]: marginal mass of vertical j; gain[b, 1, o]: of slash o (-inf once taken).
+    # Initial masses are accumulated in fp64 (exact sums of the fp32 cells, so that a
+    # fully covered line ends at ~1e-16, not at fp32 round-off), a few rows at a time to
+    # keep temporaries small. Slash o of row r is the cell (r, pos_r - o).
+    gain = torch.zeros(B, 2, N, dtype=torch.float64)
     for a in range(0, s, 16):
         p = pos[a : a + 16, None]
         chunk = A[:, a : a + 16].masked_fill(cols[None, :] > p, 0.0)
-        vgain += chunk.sum(1, dtype=torch.float64)
+        gain[:, 0] += chunk.sum(1, dtype=torch.float64)
         by_offset = chunk.gather(2, (p - cols[None, :]).clamp_min(0).expand(B, -1, N))
-        sgain += by_offset.masked_fill(cols[None, :] > p, 0.0).sum(1, dtype=torch.float64)
-    total = vgain.sum(1)
+        gain[:, 1] += by_offset.masked_fill(cols[None, :] > p, 0.0).sum(1, dtype=torch.float64)
+    total = gain[:, 0].sum(1)
     tol = eps * total.clamp_min(torch.finfo(torch.float64).tiny)
     covered = torch.zeros(B, dtype=torch.float64)
-    vmask = torch.zeros(B, N, dtype=torch.bool)
-    smask = torch.zeros(B, N, dtype=torch.bool)
-    neg_inf = float("-inf")
-    log: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
+    chosen = torch.zeros(B, 2, N, dtype=torch.bool)
+    flat_gain, flat_chosen = gain.view(-1), chosen.view(-1)
+    log: list[tuple[torch.Tensor, ...]] = []
 
-    def take(kind: int, b: torch.Tensor, x: torch.Tensor) -> None:
-        """Take lines ``x`` (of one kind) in heads ``b``; update the other kind's gains."""
-        own, other, own_mask = (vgain, sgain, vmask) if kind == 0 else (sgain, vgain, smask)
-        gain = own[b, x].clamp_min(0.0)
-        log.append((b, kind, x, gain))
-        covered.index_add_(0, b, gain)
-        own[b, x] = neg_inf  # never taken again
-        own_mask[b, x] = True
-        # Vertical j meets slash pos_r - j in row r; slash o meets vertical pos_r - o:
-        # in both cases the other line's index is pos_r - x, and the cell is causal iff
-        # that index is >= 0. Its mass no longer counts for the other line.
+    def take(b: torch.Tensor, kind: torch.Tensor, x: torch.Tensor) -> None:
+        """Take lines ``x`` of kinds ``kind`` (0 vertical, 1 slash) in heads ``b``."""
+        own = (b * 2 + kind) * N + x
+        g = flat_gain[own].clamp_min(0.0)
+        log.append((b, kind, x, g))
+        covered.index_add_(0, b, g)
+        flat_gain[own] = -math.inf  # never taken again
+        flat_chosen[own] = True
+        # Vertical j meets slash pos_r - j in row r; slash o meets vertical pos_r - o: in
+        # both cases the other line is pos_r - x, and the cell is causal iff that is >= 0.
+        # The cell's mass no longer counts for the other line.
         other_x = pos[None, :] - x[:, None]  # (m, s)
         causal = other_x >= 0
         other_x = other_x.clamp_min(0)
-        key = x[:, None].expand_as(other_x) if kind == 0 else other_x
+        key = torch.where(kind[:, None] == 0, x[:, None], other_x)  # the cell's key column
         cells = A[b[:, None], rows[None, :], key].masked_fill(~causal, 0.0)
-        other.view(-1).index_add_(0, (other_x + b[:, None] * N).flatten(), cells.flatten().double().neg())
+        other = ((b * 2 + 1 - kind) * N)[:, None] + other_x
+        flat_gain.index_add_(0, other.flatten(), cells.flatten().double().neg())
 
     def take_forced(kind: int, lines) -> int:
         if lines is None:
@@ -333,48 +332,42 @@ def greedy_cover(
         x = torch.as_tensor(lines, dtype=torch.long).flatten()
         x = torch.unique(x[(x >= 0) & (x < N)])
         if len(x):
-            take(kind, torch.arange(B).repeat_interleave(len(x)), x.repeat(B))
+            b = torch.arange(B).repeat_interleave(len(x))
+            take(b, torch.full_like(b, kind), x.repeat(B))
         return len(x)
 
     n_forced = take_forced(0, forced_vertical) + take_forced(1, forced_slash)
 
     target = total * alpha if alpha is not None else torch.full_like(total, math.inf)
     lines_left = torch.full((B,), max_lines if max_lines is not None else 2 * N + 1)
+    heads = torch.arange(B)
     rounds = 0
     while True:
-        vmax, smax = vgain.max(1).values, sgain.max(1).values
-        active = (covered < target) & (torch.maximum(vmax, smax) > tol) & (lines_left > 0)
+        best_of_kind = gain.amax(2)  # (B, 2)
+        best, lead = best_of_kind.max(1)  # lead: kind of the best line (ties: vertical)
+        active = (covered < target) & (best > tol) & (lines_left > 0)
         if not bool(active.any()):
             break
         rounds += 1
-        lead_v = vmax >= smax
-        cand = torch.where(lead_v[:, None], vgain, sgain)
-        bound = torch.where(lead_v, smax, vmax)  # best gain of the other kind
-        run = (cand >= bound[:, None]) & (cand > tol[:, None]) & active[:, None]
-        run_len = run.sum(1)
-        gain, idx = cand.topk(int(run_len.max()), dim=1)  # sorted, descending
-        rank = torch.arange(gain.shape[1])[None, :]
+        bound = best_of_kind.amin(1)  # best gain of the other kind: an upper bound for it
+        cand = gain[heads, lead]  # (B, N) lines of the leading kind
+        run_len = ((cand >= bound[:, None]) & (cand > tol[:, None])).sum(1).masked_fill_(~active, 0)
+        top, idx = cand.topk(int(run_len.max()), dim=1)  # sorted, descending
+        rank = torch.arange(top.shape[1])[None, :]
         in_run = rank < run_len[:, None]
-        before = torch.cumsum(torch.where(in_run, gain, 0.0), 1) - gain
+        before = torch.cumsum(torch.where(in_run, top, 0.0), 1) - torch.where(in_run, top, 0.0)
         accept = in_run & (before < (target - covered)[:, None]) & (rank < lines_left[:, None])
         lines_left -= accept.sum(1)
         b, r = accept.nonzero(as_tuple=True)  # row-major: each head's run in gain order
-        x = idx[b, r]
-        is_v = lead_v[b]
-        if bool(is_v.any()):
-            take(0, b[is_v], x[is_v])
-        if not bool(is_v.all()):
-            take(1, b[~is_v], x[~is_v])
+        take(b, lead[b], idx[b, r])
 
-    # Per-head pick order: stable sort of the log by head keeps the taking order.
-    bs = torch.cat([e[0] for e in log]) if log else torch.zeros(0, dtype=torch.long)
-    kinds = torch.cat([torch.full_like(e[0], e[1]) for e in log]) if log else bs
-    xs = torch.cat([e[2] for e in log]) if log else bs
-    gs = torch.cat([e[3] for e in log]) if log else bs.double()
+    # Per-head pick order: a stable sort of the log by head keeps the taking order.
+    bs, kinds, xs, gs = (torch.cat(parts) for parts in zip(*log)) if log else (torch.zeros(0, dtype=torch.long),) * 4
     order = torch.sort(bs, stable=True).indices
     counts = torch.bincount(bs, minlength=B).tolist()
     picks = list(torch.stack([kinds[order], xs[order]], 1).split(counts))
-    gains = list(gs[order].split(counts))
+    gains = list(gs[order].double().split(counts))
+    vmask, smask = chosen[:, 0], chosen[:, 1]
 
     result = CoverResult(vmask, smask, covered, total, picks, gains, [n_forced] * B, rounds)
     if squeeze:
@@ -539,7 +532,7 @@ def attention_recall(
     """
     H, Hkv, n, N, D = _check_shapes(q, k)
     G = H // Hkv
-    rows = torch.as_tensor(rows, dtype=torch.long)
+    rows = torch.as_tensor(rows, dtype=torch.long).sort().values
     A, _ = probe_attention(q, k, rows, per_query_head=True, scale=scale)  # (H, r, N)
     recalls = []
     for h in range(H):

@@ -93,7 +93,10 @@ class Engine:
         self.eos_ids = eos
 
     def new_session(self, method: str | None = None, knobs: dict | None = None, **kw) -> "Session":
-        return Session(self, method or self.method, self.knobs if knobs is None else knobs, **kw)
+        method = method or self.method
+        if knobs is None:  # the engine's knobs belong to the engine's method only
+            knobs = self.knobs if method == self.method else {}
+        return Session(self, method, knobs, **kw)
 
     def encode_messages(self, messages: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
