@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 
+from .bench.sources import resolve_data_dir
+
 
 def shared_data_dir() -> Path:
-    """`$LOOPSERVE_DATA`, else ../shared/data beside the checkout (where CI puts it)."""
-    env = os.environ.get("LOOPSERVE_DATA")
-    candidates = [Path(env)] if env else []
-    here = Path(__file__).resolve()
-    candidates += [p / "shared" / "data" for p in here.parents] + [Path.cwd().parent / "shared" / "data"]
-    for c in candidates:
-        if (c / "ruler_sources").is_dir():
-            return c
-    raise FileNotFoundError(
-        "evaluation data not found: set LOOPSERVE_DATA to the shared/data folder "
-        "(looked for ../shared/data beside the repository)"
-    )
+    """The shared evaluation data folder (see `bench.sources.resolve_data_dir`)."""
+    return resolve_data_dir()
 
 
 @lru_cache(maxsize=1)

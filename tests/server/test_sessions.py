@@ -127,10 +127,16 @@ def test_pool_continue_fork_new_and_rebuild(engine):
     acq4 = pool.acquire(b)
     acq5 = pool.acquire(b, history_end=len(hist))
     assert acq4.kind == "continue"
-    assert acq5.kind.endswith("+rebuild") and acq5.reused + acq5.rebuilt == len(hist)
-    assert acq5.pooled.session.token_ids == b[: len(hist)]
+    assert acq5.kind.startswith("fork") and acq5.reused == len(acq4.pooled.session.token_ids)  # forked the busy one
+    assert acq5.pooled.session.token_ids == b[: acq5.reused + acq5.rebuilt]
+    assert acq5.reused + acq5.rebuilt >= len(hist) - 1
     pool.release(acq4.pooled)
     pool.release(acq5.pooled)
+    # With only a short live prefix, the history up to history_end is rebuilt by prefill.
+    pool2 = SessionPool(engine, budget_bytes=1 << 30)
+    acq6 = pool2.acquire(b, history_end=len(hist))
+    assert acq6.kind == "new+rebuild" and acq6.rebuilt == len(hist)
+    assert acq6.pooled.session.token_ids == b[: len(hist)]
 
 
 def test_pool_lru_eviction_under_budget(engine):

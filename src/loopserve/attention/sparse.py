@@ -234,13 +234,17 @@ def _window_part(qb, kpad, vpad, plan: _HeadPlan, p0, chunk, scale):
     return out.transpose(0, 1).reshape(G, R, D), lse.transpose(0, 1).reshape(G, R), has
 
 
-def _sliced_part(qb, kpad, vpad, plan: _HeadPlan, p0, scale):
-    """Isolated slashes: per offset, the rows' keys are one contiguous slice of K."""
+def _sliced_part(qb, kf, vf, plan: _HeadPlan, p0, scale):
+    """Isolated slashes: per offset, the rows' keys are one contiguous slice of K.
+
+    Each offset is one vectorised multiply-reduce over the block (no gather, no copy of
+    K); ~6x the cost of a windowed cell, so only offsets far from any other come here.
+    ``kf``/``vf`` are the padded K/V in fp32.
+    """
     G, R, D = qb.shape
     offs = plan.sliced
     rows = p0 + torch.arange(R)
-    qf = (qb.float() * scale) if qb.dtype != torch.float32 else qb * scale
-    kf, vf = kpad.float(), vpad.float()
+    qf = qb.float() * scale
     s = torch.empty(len(offs), G, R)  # offset-major: each step writes one contiguous slab
     tmp = torch.empty(G, R, D)
     for t, o in enumerate(offs):
@@ -326,6 +330,7 @@ def sparse_prefill_attention(
         back = kh.new_zeros(2 * chunk, D)
         kpad, vpad = torch.cat([front, kh, back]), torch.cat([front, vh, back])
         kvert, vvert = kh[plan.vertical], vh[plan.vertical]
+        kf, vf = (kpad.float(), vpad.float()) if plan.sliced else (None, None)
         qs = q[qh]
         if n_pad > n:
             qs = torch.cat([qs, qs.new_zeros(qs.shape[0], n_pad - n, D)], 1)
@@ -340,7 +345,7 @@ def sparse_prefill_attention(
             if plan.windows:
                 parts.append(_window_part(qb, kpad, vpad, plan, p0, chunk, scale))
             if plan.sliced:
-                parts.append(_sliced_part(qb, kpad, vpad, plan, p0, scale))
+                parts.append(_sliced_part(qb, kf, vf, plan, p0, scale))
             if parts:
                 out[qh, r0 : r0 + block] = _merge(parts, dtype)
             else:

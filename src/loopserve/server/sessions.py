@@ -6,7 +6,8 @@
 - `SessionPool` keeps live `Session`s (one KV cache each). A request goes to the idle
   session whose history is the longest token prefix of its prompt: continued in place when
   the whole history is a prefix, otherwise forked (the shared prefix's KV is copied into a
-  new session). When no live session holds the history, it is rebuilt by prefill up to the
+  new session; a session busy with another request is only ever forked). When no live
+  session holds the history, it is rebuilt by prefill up to the
   last spliced answer (the state the conversation was persisted in), and the new turn is
   prefilled on top. Idle sessions are evicted least recently used first while the KV
   bytes of all sessions exceed the budget.
@@ -212,13 +213,13 @@ class SessionPool:
         best_in_place, in_place_len = None, 0
         best_fork, fork_len = None, 0
         for p in self.sessions.values():
-            if p.busy:
-                continue
+            # A busy session is never continued, but it may be forked: between two worker
+            # steps its cache holds exactly its token_ids.
             hist = p.session.token_ids
             n = common_prefix(hist, prompt)
-            if n == len(hist) and n > in_place_len:
+            if not p.busy and n == len(hist) and n > in_place_len:
                 best_in_place, in_place_len = p, n
-            if n > fork_len:
+            if n > fork_len or (n == fork_len and best_fork is not None and best_fork.busy and not p.busy):
                 best_fork, fork_len = p, n
         if best_in_place is not None and in_place_len >= fork_len:
             pooled, kind, reused = best_in_place, "continue", in_place_len
