@@ -246,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.commands import add_bench_commands
 
     add_bench_commands(bench)  # bench build / run / report (the multi-turn benchmark)
+
+    from .server.cli import add_serve_command
+
+    add_serve_command(sub)  # serve: the OpenAI-compatible HTTP server
     return ap
 
 

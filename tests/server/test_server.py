@@ -314,3 +314,22 @@ def test_per_request_knobs(tmp_path_factory):
         assert s.state.pool.sessions[sid].knobs == {}
     finally:
         s.stop()
+
+
+def test_concurrent_requests_interleave_without_mixing(server):
+    """Round-robin decoding of several sessions gives each the answer it gets alone."""
+    c = server.client()
+    prompts = [[_user(f"Concurrent conversation number {i}, tell me something.")] for i in range(3)]
+    alone = [c.chat.completions.create(model=TINY, messages=m, max_tokens=12, temperature=0).choices[0].message.content
+             for m in prompts]
+    # Resending them concurrently, each as a new branch (a different second user turn).
+    def run(i):
+        msgs = prompts[i] + [{"role": "assistant", "content": alone[i]}, _user("and again")]
+        r = c.chat.completions.create(model=TINY, messages=msgs, max_tokens=12, temperature=0)
+        return r.choices[0].message.content, r.usage.prompt_tokens_details.cached_tokens
+
+    with cf.ThreadPoolExecutor(3) as ex:
+        together = list(ex.map(run, range(3)))
+    alone2 = [run(i)[0] for i in range(3)]
+    assert [t for t, _ in together] == alone2
+    assert all(cached > 0 for _, cached in together)

@@ -36,6 +36,12 @@ from .store import ConversationStore
 
 log = logging.getLogger("loopserve.server")
 
+try:
+    from jinja2 import TemplateError as _JinjaError
+except ImportError:  # pragma: no cover
+    _JinjaError = ValueError
+_TEMPLATE_ERRORS = (_JinjaError, ValueError, TypeError, KeyError)
+
 _DEFAULT_ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct", "default"}
 
 
@@ -586,9 +592,12 @@ def create_app(engine_or_config: Engine | ServerConfig | str, config: ServerConf
 
         try:
             built = await loop.run_in_executor(state.prep, state.builder.build, req.messages)
-        except Exception as e:
+        except _TEMPLATE_ERRORS as e:  # e.g. a template that demands alternating roles
             release()
             raise _bad(f"Could not apply the chat template to these messages: {e}", "messages", "invalid_messages") from None
+        except BaseException:
+            release()
+            raise
         n_prompt = len(built.ids)
         if n_prompt >= engine.max_context:
             release()
