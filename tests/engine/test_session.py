@@ -172,3 +172,14 @@ def test_stats_are_reported(tiny_models):
     cfg = engine.model.config
     assert s.kv_bytes == s.kv_tokens * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * 4
     assert s.finish_reason in ("stop", "length")
+
+
+def test_held_back_text_is_flushed_at_the_end(default_model):
+    # A stop string that never occurs makes the stream hold back its last characters; they
+    # must still arrive when the answer ends (EOS or length).
+    engine = Engine(default_model)
+    for max_new in (6, 64):
+        stream = engine.new_session().stream("Say hello.", SamplingParams(max_new_tokens=max_new, stop=["@@@@@@@@"]))
+        text = "".join(stream)
+        r = stream.result
+        assert text == r.text == engine.tokenizer.decode(r.token_ids, skip_special_tokens=True)

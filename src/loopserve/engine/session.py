@@ -237,7 +237,8 @@ class TurnStream:
             history = torch.tensor([prompt], dtype=torch.long)
             tok = sampler(logits[-1:], history)
             stats.ttft_s = stats.prefill_s = time.perf_counter() - t0
-            emitted, finish = "", "length"
+            text = emitted = ""
+            finish = "length"
             hold = max((len(x) for x in params.stop), default=1) - 1
             t_dec = time.perf_counter()
             while True:
@@ -250,9 +251,6 @@ class TurnStream:
                 if cut >= 0:
                     text, finish = text[:cut], "stop"
                 if finish == "stop" or len(generated) >= params.max_new_tokens or len(s.token_ids) + 1 >= eng.max_context:
-                    if text.startswith(emitted) and len(text) > len(emitted):
-                        yield text[len(emitted):]
-                    emitted = text
                     break
                 # Hold back an incomplete UTF-8 character and a possible stop-string prefix.
                 safe = text[: len(text) - hold] if hold else text
@@ -264,6 +262,10 @@ class TurnStream:
                 s.token_ids.append(tok)
                 history = torch.tensor([prompt + generated], dtype=torch.long)
                 tok = sampler(logits[-1:], history)
+            # Flush what was held back (an incomplete character, a stop-string prefix).
+            if len(text) > len(emitted) and text.startswith(emitted):
+                yield text[len(emitted):]
+            emitted = text
             stats.new_tokens = len(generated)
             stats.decode_s = time.perf_counter() - t_dec
             stats.tpot_s = stats.decode_s / max(len(generated) - 1, 1) if len(generated) > 1 else 0.0

@@ -454,11 +454,6 @@ class Worker:
         tok = pooled.session.engine.tokenizer
         text = res.text
         decoded = tok.decode(res.token_ids, skip_special_tokens=True)
-        # The engine holds back a trailing incomplete character (U+FFFD) and drops it when the
-        # answer ends on EOS; send it, so the text the client resends is what the ids decode to.
-        if not job.sampling.stop and decoded != text and decoded.startswith(text):
-            job.sink("delta", decoded[len(text):])
-            text = decoded
         answer_ids = list(res.token_ids) if decoded == text else None
         st = res.stats
         persisted = False
