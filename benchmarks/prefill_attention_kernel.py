@@ -13,7 +13,10 @@ Inputs are synthetic but attention-shaped (:func:`synthetic_qkv`), in two regime
   periodic slash clusters (dozens of offset runs), the hardest case for the kernel.
 
 Timings interleave dense / select / sparse runs so that load from other processes hits
-all three alike; the median and the minimum over runs are both printed.
+all three alike; the median and the minimum over runs are both printed. On a machine
+shared with other jobs, compare ``--threads 1`` too: when the cores are busy, the dense
+baseline stops gaining from a second thread and the 2-thread ratio understates.
+``LOOPSERVE_NATIVE=0`` measures the pure-torch slash path (no C compiler).
 
 Usage::
 
@@ -151,6 +154,9 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
+    from loopserve.attention.sparse import _native_usable
+
+    print(f"native slash kernel: {'yes' if _native_usable(64) else 'no (pure torch)'}", flush=True)
     for regime in args.regime:
         for n in args.n or [args.N, args.N // 4]:
             r = run(n, args.N, regime, args.alpha, args.repeat, args.threads, dtype)

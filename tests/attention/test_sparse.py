@@ -14,7 +14,10 @@ from loopserve.attention import (
     select_lines,
     sparse_prefill_attention,
 )
-from loopserve.attention.sparse import _plan_head
+from loopserve.attention import sparse as sparse_module
+from loopserve.attention.sparse import _plan_head, _split_slashes
+
+NATIVE = sparse_module._native_usable(64)
 
 
 def inputs(H, Hkv, n, N, D, seed=0, dtype=torch.float32):
@@ -140,3 +143,65 @@ def test_shape_checks():
         sparse_prefill_attention(q, k, v, LinePattern.from_lines([[0]] * 2, [[0]] * 2, 10, 21))
     with pytest.raises(ValueError):
         sparse_prefill_attention(q, k, v, LinePattern.from_lines([[0]] * 3, [[0]] * 3, 10, 20))
+
+
+def test_split_slashes_cost_model():
+    band = list(range(64))
+    windows, sliced = _split_slashes(band + [200, 500, 502], chunk=32, slice_cost=8.0)
+    assert windows == [(0, 63)] and sliced == [200, 500, 502]
+    # Two offsets 2 apart: a 34-column window beats slicing only if slicing is dear.
+    assert _split_slashes([500, 502], chunk=32, slice_cost=30.0) == ([(500, 502)], [])
+    assert _split_slashes([], chunk=32, slice_cost=8.0) == ([], [])
+
+
+def random_isolated_pattern(Hkv, n, N, seed):
+    g = torch.Generator().manual_seed(seed)
+    vs = [torch.randperm(N, generator=g)[: N // 8] for _ in range(Hkv)]
+    ss = [torch.cat([torch.arange(6), torch.randperm(N, generator=g)[: N // 6]]) for _ in range(Hkv)]
+    return LinePattern.from_lines(vs, ss, n, N)
+
+
+@pytest.mark.skipif(not NATIVE, reason="no C compiler for the native slash kernel")
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("block", [64, 256])
+def test_native_and_torch_slash_paths_match_masked_softmax(seed, block):
+    H, Hkv, D = 6, 3, 64
+    n, N = (150, 400) if seed else (300, 300)
+    q, k, v = inputs(H, Hkv, n, N, D, seed=seed)
+    pattern = random_isolated_pattern(Hkv, n, N, seed)
+    assert _plan_head(pattern.vertical[0], pattern.slash[0], N, 16, native=True).sliced
+    ref = masked_reference(q, k, v, pattern)
+    for native in (True, False):
+        out = sparse_prefill_attention(q, k, v, pattern, chunk=16, block=block, native=native)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not NATIVE, reason="no C compiler for the native slash kernel")
+def test_native_path_alpha_one_and_bf16():
+    q, k, v = inputs(6, 2, 90, 160, 64, seed=4)
+    pattern = select_lines(q, k, alpha=1.0, local=8)
+    torch.testing.assert_close(
+        sparse_prefill_attention(q, k, v, pattern, native=True), dense_prefill_attention(q, k, v), rtol=1e-5, atol=1e-5
+    )
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    pattern = random_isolated_pattern(2, 90, 160, 4)
+    out = sparse_prefill_attention(qb, kb, vb, pattern, native=True)
+    assert out.dtype == torch.bfloat16
+    ref = masked_reference(qb.float(), kb.float(), vb.float(), pattern)
+    torch.testing.assert_close(out.double(), ref, rtol=0.0, atol=3e-2)
+
+
+@pytest.mark.parametrize("native", [True, False] if NATIVE else [False])
+def test_wide_band_windows_mixed_with_sliced_offsets(native):
+    """A wide local band is windowed even with the native kernel; mixed with sliced
+    offsets and verticals inside the band, every cell must still count once."""
+    H, Hkv, n, N, D = 4, 2, 160, 260, 64
+    q, k, v = inputs(H, Hkv, n, N, D, seed=9)
+    band = torch.arange(120)
+    vs = [torch.tensor([0, 1, 150, 200, 250]), torch.arange(0, N, 7)]
+    ss = [torch.cat([band, torch.tensor([170, 230])]), torch.cat([band, torch.tensor([140])])]
+    pattern = LinePattern.from_lines(vs, ss, n, N)
+    plan = _plan_head(pattern.vertical[0], pattern.slash[0], N, 16, native=native and NATIVE)
+    assert plan.windows and plan.windows[0] == (0, 119) and plan.sliced == [170, 230]
+    out = sparse_prefill_attention(q, k, v, pattern, chunk=16, block=64, native=native)
+    torch.testing.assert_close(out.double(), masked_reference(q, k, v, pattern), rtol=1e-5, atol=1e-5)

@@ -19,9 +19,10 @@ Selection, per input and per head:
 GQA: by default lines are chosen **per KV head** -- the probe masses of the query heads
 that share a KV head are summed and one pattern serves the whole group. The sparse
 kernel (:mod:`loopserve.attention.sparse`) gathers each KV head's selected keys/values
-once and serves all query heads of the group in one batched matmul; per-query-head
-patterns would multiply the gathers by the group size and break that batching.
-``per_query_head=True`` is available for comparison.
+once and serves all query heads of the group in the same batched call (each key row
+read once for the G heads); per-query-head patterns would multiply the gathers by the
+group size and break that batching. ``per_query_head=True`` is available for
+comparison (the kernel then runs one query head per pattern head).
 
 Everything here is a pure tensor function: no model code, no transformers.
 """
@@ -29,8 +30,10 @@ Everything here is a pure tensor function: no model code, no transformers.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -41,10 +44,33 @@ __all__ = [
     "greedy_cover",
     "lines_from_topk",
     "pattern_density",
+    "pattern_mask",
     "probe_attention",
     "probe_rows",
     "select_lines",
 ]
+
+
+@contextmanager
+def _intra_op_threads(n: int):
+    """Run a block with ``n`` intra-op threads, then restore the previous count.
+
+    The greedy rounds and the kernel's bookkeeping are long sequences of small tensor
+    ops. Run on several OpenMP threads, each op ends in a barrier, and on a loaded
+    machine (other processes on the same cores) every barrier can wait a scheduler tick
+    for a descheduled thread: measured 3-5x slower than one thread. The few large ops
+    (matmuls, fused attention) re-enter the full thread count explicitly. Toggling costs
+    ~0.1 us.
+    """
+    previous = torch.get_num_threads()
+    if n == previous:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------------------
@@ -181,7 +207,7 @@ def probe_attention(
     *,
     per_query_head: bool = False,
     scale: float | None = None,
-    group: int = 64,
+    group: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact causal attention of the probe rows over all N keys, in fp32.
 
@@ -202,12 +228,14 @@ def probe_attention(
     for a in range(0, s, group):
         b = min(s, a + group)
         end = int(pos[b - 1]) + 1
+        first = int(pos[a]) + 1  # keys before this are causal for every row of the group
         A[:, a:b, end:] = 0.0
-        noncausal = torch.arange(end)[None, :] > pos[a:b, None]
+        noncausal = torch.arange(first, end)[None, :] > pos[a:b, None]
         for h in range(Hkv):
             qp = q[h * G : (h + 1) * G, rows[a:b]].float().reshape(-1, D)
             sc = (qp @ k[h, :end].float().T).mul_(scale).view(G, b - a, end)
-            sc = torch.softmax(sc.masked_fill_(noncausal, float("-inf")), dim=-1)
+            sc[:, :, first:].masked_fill_(noncausal, float("-inf"))
+            sc = torch.softmax(sc, dim=-1)
             if per_query_head:
                 A[h * G : (h + 1) * G, a:b, :end] = sc
             else:
@@ -268,14 +296,24 @@ def greedy_cover(
     This is exact greedy, batched. Two verticals never share a cell, nor do two
     slashes; a vertical ``j`` and a slash ``o`` share exactly the cell of the row with
     ``pos_r - j == o``. So taking a vertical changes only slash gains (they only drop)
-    and vice versa. Each round sorts the candidates by current gain and takes the
-    leading run of a single type at once: their gains are exact (same type, no
-    interaction) and every line of the other type has gain at most the next one's,
-    which only goes down as the run is taken -- precisely the choices one-at-a-time
-    greedy makes. The run is cut where ``alpha`` is reached, the other type's gains are
-    updated with one vectorised scatter, and the next round starts. Rounds = type
-    alternations, typically a few dozen; all heads advance together.
+    and vice versa. Each round takes, in gain order, the leading run of the candidate
+    list sorted by current gain: all lines of the leading kind whose gain is at least
+    the best gain of the other kind. Their gains are exact (same kind, no interaction)
+    and every line of the other kind has gain at most the next one's, which only goes
+    down as the run is taken -- precisely the choices one-at-a-time greedy makes. The
+    run is cut where ``alpha`` (or ``max_lines``) is reached, the other kind's gains are
+    updated with one vectorised scatter, and the next round starts. Rounds = kind
+    alternations, typically a few dozen; all heads advance together. Gains are fp64,
+    the rounds run on numpy views (~1 us per step instead of ~5-10 us per torch op).
     """
+    with _intra_op_threads(1):  # hundreds of tiny ops: no gain from threads (see helper)
+        return _greedy_cover(A, pos, alpha, max_lines, forced_vertical, forced_slash, eps)
+
+
+def _greedy_cover(
+    A, pos, alpha, max_lines, forced_vertical, forced_slash, eps, causal_zero: bool = False
+) -> CoverResult:
+    """:func:`greedy_cover`; ``causal_zero``: A is already 0 above the diagonal (probe output)."""
     squeeze = A.dim() == 2
     if squeeze:
         A = A[None]
@@ -296,78 +334,95 @@ def greedy_cover(
     gain = torch.zeros(B, 2, N, dtype=torch.float64)
     for a in range(0, s, 16):
         p = pos[a : a + 16, None]
-        chunk = A[:, a : a + 16].masked_fill(cols[None, :] > p, 0.0)
+        chunk = A[:, a : a + 16] if causal_zero else A[:, a : a + 16].masked_fill(cols[None, :] > p, 0.0)
         gain[:, 0] += chunk.sum(1, dtype=torch.float64)
         by_offset = chunk.gather(2, (p - cols[None, :]).clamp_min(0).expand(B, -1, N))
         gain[:, 1] += by_offset.masked_fill(cols[None, :] > p, 0.0).sum(1, dtype=torch.float64)
-    total = gain[:, 0].sum(1)
-    tol = eps * total.clamp_min(torch.finfo(torch.float64).tiny)
-    covered = torch.zeros(B, dtype=torch.float64)
-    chosen = torch.zeros(B, 2, N, dtype=torch.bool)
-    flat_gain, flat_chosen = gain.view(-1), chosen.view(-1)
-    log: list[tuple[torch.Tensor, ...]] = []
+    # The rounds are many tiny steps on (B, 2, N) arrays: numpy on zero-copy views costs
+    # ~1 us per step where a torch op costs ~5-10 us.
+    gain_np = gain.numpy()
+    A_np = A.numpy()
+    pos_np = pos.numpy()
+    total = gain_np[:, 0].sum(1)
+    tol = eps * np.maximum(total, np.finfo(np.float64).tiny)
+    covered = np.zeros(B)
+    chosen = np.zeros((B, 2, N), dtype=bool)
+    flat_gain, flat_chosen = gain_np.reshape(-1), chosen.reshape(-1)
+    rows_np = np.arange(s)
+    log: list[tuple[np.ndarray, ...]] = []
 
-    def take(b: torch.Tensor, kind: torch.Tensor, x: torch.Tensor) -> None:
+    def take(b: np.ndarray, kind: np.ndarray, x: np.ndarray) -> None:
         """Take lines ``x`` of kinds ``kind`` (0 vertical, 1 slash) in heads ``b``."""
         own = (b * 2 + kind) * N + x
-        g = flat_gain[own].clamp_min(0.0)
+        g = np.maximum(flat_gain[own], 0.0)
         log.append((b, kind, x, g))
-        covered.index_add_(0, b, g)
-        flat_gain[own] = -math.inf  # never taken again
+        covered[:] += np.bincount(b, weights=g, minlength=B)
+        flat_gain[own] = -np.inf  # never taken again
         flat_chosen[own] = True
         # Vertical j meets slash pos_r - j in row r; slash o meets vertical pos_r - o: in
         # both cases the other line is pos_r - x, and the cell is causal iff that is >= 0.
         # The cell's mass no longer counts for the other line.
-        other_x = pos[None, :] - x[:, None]  # (m, s)
+        other_x = pos_np[None, :] - x[:, None]  # (m, s)
         causal = other_x >= 0
-        other_x = other_x.clamp_min(0)
-        key = torch.where(kind[:, None] == 0, x[:, None], other_x)  # the cell's key column
-        cells = A[b[:, None], rows[None, :], key].masked_fill(~causal, 0.0)
+        other_x = np.maximum(other_x, 0)
+        key = np.where(kind[:, None] == 0, x[:, None], other_x)  # the cell's key column
+        cells = np.where(causal, A_np[b[:, None], rows_np[None, :], key], 0.0)
         other = ((b * 2 + 1 - kind) * N)[:, None] + other_x
-        flat_gain.index_add_(0, other.flatten(), cells.flatten().double().neg())
+        flat_gain[:] -= np.bincount(other.ravel(), weights=cells.ravel(), minlength=flat_gain.size)
 
     def take_forced(kind: int, lines) -> int:
         if lines is None:
             return 0
         x = torch.as_tensor(lines, dtype=torch.long).flatten()
-        x = torch.unique(x[(x >= 0) & (x < N)])
+        x = torch.unique(x[(x >= 0) & (x < N)]).numpy()
         if len(x):
-            b = torch.arange(B).repeat_interleave(len(x))
-            take(b, torch.full_like(b, kind), x.repeat(B))
+            b = np.repeat(np.arange(B), len(x))
+            take(b, np.full_like(b, kind), np.tile(x, B))
         return len(x)
 
     n_forced = take_forced(0, forced_vertical) + take_forced(1, forced_slash)
 
-    target = total * alpha if alpha is not None else torch.full_like(total, math.inf)
-    lines_left = torch.full((B,), max_lines if max_lines is not None else 2 * N + 1)
-    heads = torch.arange(B)
+    target = total * alpha if alpha is not None else np.full(B, np.inf)
+    lines_left = np.full(B, max_lines if max_lines is not None else 2 * N + 1)
+    heads = np.arange(B)
     rounds = 0
     while True:
-        best_of_kind = gain.amax(2)  # (B, 2)
-        best, lead = best_of_kind.max(1)  # lead: kind of the best line (ties: vertical)
+        best_of_kind = gain_np.max(2)  # (B, 2)
+        lead = best_of_kind.argmax(1)  # kind of the best line (ties: vertical)
+        best = best_of_kind[heads, lead]
         active = (covered < target) & (best > tol) & (lines_left > 0)
-        if not bool(active.any()):
+        if not active.any():
             break
         rounds += 1
-        bound = best_of_kind.amin(1)  # best gain of the other kind: an upper bound for it
-        cand = gain[heads, lead]  # (B, N) lines of the leading kind
-        run_len = ((cand >= bound[:, None]) & (cand > tol[:, None])).sum(1).masked_fill_(~active, 0)
-        top, idx = cand.topk(int(run_len.max()), dim=1)  # sorted, descending
-        rank = torch.arange(top.shape[1])[None, :]
-        in_run = rank < run_len[:, None]
-        before = torch.cumsum(torch.where(in_run, top, 0.0), 1) - torch.where(in_run, top, 0.0)
-        accept = in_run & (before < (target - covered)[:, None]) & (rank < lines_left[:, None])
-        lines_left -= accept.sum(1)
-        b, r = accept.nonzero(as_tuple=True)  # row-major: each head's run in gain order
-        take(b, lead[b], idx[b, r])
+        bound = best_of_kind.min(1)  # best gain of the other kind: an upper bound for it
+        cand = gain_np[heads, lead]  # (B, N) lines of the leading kind
+        run = (cand >= bound[:, None]) & (cand > tol[:, None]) & active[:, None]
+        b, x = np.nonzero(run)
+        g = cand[b, x]
+        order = np.lexsort((-g, b))  # by head, then gain descending (ties: any order is greedy)
+        b, x, g = b[order], x[order], g[order]
+        start = np.searchsorted(b, heads)  # first run entry of each head
+        rank = np.arange(len(b)) - start[b]
+        cum = np.cumsum(g)
+        before = cum - g - (cum - g)[start[b]]  # gain taken by this head's earlier run entries
+        accept = (before < (target - covered)[b]) & (rank < lines_left[b])
+        b, x = b[accept], x[accept]
+        lines_left -= np.bincount(b, minlength=B)
+        take(b, lead[b], x)
 
     # Per-head pick order: a stable sort of the log by head keeps the taking order.
-    bs, kinds, xs, gs = (torch.cat(parts) for parts in zip(*log)) if log else (torch.zeros(0, dtype=torch.long),) * 4
-    order = torch.sort(bs, stable=True).indices
-    counts = torch.bincount(bs, minlength=B).tolist()
-    picks = list(torch.stack([kinds[order], xs[order]], 1).split(counts))
-    gains = list(gs[order].double().split(counts))
-    vmask, smask = chosen[:, 0], chosen[:, 1]
+    if log:
+        bs, kinds, xs, gs = (np.concatenate(parts) for parts in zip(*log))
+    else:
+        bs = kinds = xs = np.zeros(0, dtype=np.int64)
+        gs = np.zeros(0)
+    order = np.argsort(bs, kind="stable")
+    counts = np.bincount(bs, minlength=B).tolist()
+    picks = list(torch.from_numpy(np.stack([kinds[order], xs[order]], 1)).split(counts))
+    gains = list(torch.from_numpy(gs[order]).split(counts))
+    chosen_t = torch.from_numpy(chosen)
+    vmask, smask = chosen_t[:, 0], chosen_t[:, 1]
+    covered, total = torch.from_numpy(covered), torch.from_numpy(total)
 
     result = CoverResult(vmask, smask, covered, total, picks, gains, [n_forced] * B, rounds)
     if squeeze:
@@ -407,14 +462,13 @@ def select_lines(
         if probe_idx is None
         else torch.as_tensor(probe_idx, dtype=torch.long).unique()
     )
-    A, pos = probe_attention(q, k, rows, per_query_head=per_query_head, scale=scale)
-    cover = greedy_cover(
-        A,
-        pos,
-        alpha=alpha,
-        forced_vertical=torch.arange(min(sinks, N)),
-        forced_slash=torch.arange(min(local, N)),
-    )
+    forced_vertical, forced_slash = torch.arange(min(sinks, N)), torch.arange(min(local, N))
+    # Single-threaded on purpose: the probe is ~30 ms of small matmuls on one core and the
+    # greedy is hundreds of tiny steps; on a machine shared with other work, extra threads
+    # cost far more in barrier waits than they save (measured 10x; see _intra_op_threads).
+    with _intra_op_threads(1):
+        A, pos = probe_attention(q, k, rows, per_query_head=per_query_head, scale=scale)
+        cover = _greedy_cover(A, pos, alpha, None, forced_vertical, forced_slash, 1e-12, causal_zero=True)
     vertical = [m.nonzero().flatten() for m in cover.vertical]
     slash = [m.nonzero().flatten() for m in cover.slash]
     return LinePattern(
