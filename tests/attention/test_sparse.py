@@ -193,8 +193,9 @@ def test_native_path_alpha_one_and_bf16():
 
 @pytest.mark.parametrize("native", [True, False] if NATIVE else [False])
 def test_wide_band_windows_mixed_with_sliced_offsets(native):
-    """A wide local band is windowed even with the native kernel; mixed with sliced
-    offsets and verticals inside the band, every cell must still count once."""
+    """A wide local band is windowed on the torch path (the native kernel runs every
+    offset, and the verticals, in one pass); mixed with sliced offsets and verticals
+    inside the band, every cell must still count once."""
     H, Hkv, n, N, D = 4, 2, 160, 260, 64
     q, k, v = inputs(H, Hkv, n, N, D, seed=9)
     band = torch.arange(120)
@@ -202,6 +203,24 @@ def test_wide_band_windows_mixed_with_sliced_offsets(native):
     ss = [torch.cat([band, torch.tensor([170, 230])]), torch.cat([band, torch.tensor([140])])]
     pattern = LinePattern.from_lines(vs, ss, n, N)
     plan = _plan_head(pattern.vertical[0], pattern.slash[0], N, 16, native=native and NATIVE)
-    assert plan.windows and plan.windows[0] == (0, 119) and plan.sliced == [170, 230]
+    if plan.native:
+        assert not plan.windows and plan.sliced == list(range(120)) + [170, 230]
+    else:
+        assert plan.windows and plan.windows[0] == (0, 119) and plan.sliced == [170, 230]
     out = sparse_prefill_attention(q, k, v, pattern, chunk=16, block=64, native=native)
+    torch.testing.assert_close(out.double(), masked_reference(q, k, v, pattern), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not NATIVE, reason="no C compiler for the native slash kernel")
+@pytest.mark.parametrize("H,Hkv,D,per_query_head", [(4, 1, 128, False), (4, 2, 64, True), (8, 1, 64, False)])
+def test_native_one_pass_other_group_sizes(H, Hkv, D, per_query_head):
+    """Verticals and slashes in one native pass, for other (G, D) specialisations;
+    more verticals than one online-softmax chunk, rows not a multiple of 16."""
+    n, N = 75, 230
+    q, k, v = inputs(H, Hkv, n, N, D, seed=H + D)
+    heads = H if per_query_head else Hkv
+    pattern = random_isolated_pattern(heads, n, N, seed=D)
+    pattern.per_query_head = per_query_head
+    assert sparse_module._native_usable(D, 1 if per_query_head else H // Hkv)
+    out = sparse_prefill_attention(q, k, v, pattern, chunk=16, block=64, native=True)
     torch.testing.assert_close(out.double(), masked_reference(q, k, v, pattern), rtol=1e-5, atol=1e-5)

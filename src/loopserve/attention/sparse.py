@@ -7,24 +7,31 @@ matrix is never built.
 
 CPU design, per KV head (the query heads of a GQA group share every K/V row read):
 
-* **Verticals** are the same keys for every row: gather them once and run fused
-  attention of a block of rows against them. Verticals are sorted, so a block only
-  uses the prefix of verticals that is causal for some of its rows, and only the tail
-  of that prefix needs a mask.
-* **Slashes** hit a different key in every row, so a slash cell has no matmul form: it
-  is one D-long dot product and one D-long axpy. They go to a small C kernel compiled
-  at first use (~7 ns per cell on 2-core AVX-512; see "Native slash kernel" below) that
-  skips keys owned by the verticals, so each cell enters the softmax exactly once.
-* Without a C compiler, a pure-torch path is used: runs of nearby offsets (the local
-  band above all) become small dense windows -- the C rows of a chunk read, at offset
-  ``o``, the *contiguous* keys ``pos - o .. pos - o + C - 1``, so per chunk one fused
-  attention call over keys ``pos_first - hi .. pos_last - lo`` with the non-selected
-  diagonals masked, batched over chunks; isolated offsets are one vectorised step per
-  offset on contiguous slices of K and V (~30-40 ns per cell). A tiny cost model picks
-  windows or slices (:func:`_split_slashes`). There, vertical cells that lie on a
-  chosen slash are masked in the vertical part instead.
-* Each part returns its output and row log-sum-exp; parts are merged exactly in fp32:
-  ``out = sum_p exp(lse_p - lse) out_p`` with ``lse = logsumexp_p lse_p``.
+* **Native kernel** (default where a C compiler exists; D in {64, 128}, up to 8 query
+  heads per pattern head): one pass per block of 16 consecutive rows, one row per
+  vector lane, over the block's causal verticals and then its slashes, with a single
+  online softmax (no merge). For a slash of offset ``o`` the 16 rows read the
+  *contiguous* keys ``pos_0 - o .. pos_0 - o + 15``, so with K and V stored transposed
+  ``(D, keys)`` every load is one vector and the dot products, softmax and value sums
+  are vertical vector arithmetic, no horizontal reductions; a vertical is one key for
+  all lanes (a broadcast). Each loaded K/V vector serves the G query heads of the
+  group. A slash cell whose key is a selected vertical is masked (-inf bias): the
+  vertical owns it, so each cell enters the softmax exactly once. Measured on the
+  2-core AVX-512 box: ~4 ns per (query head, cell) single-threaded, against ~7 ns for
+  the previous row-by-row kernel; see "Native slash kernel" below.
+* Without a C compiler (or ``LOOPSERVE_NATIVE=0``, or other shapes), a pure-torch path:
+  **verticals** are the same keys for every row, so they are gathered once and a block
+  of rows runs fused attention against them (sorted verticals: only the causal prefix,
+  only its tail masked). **Slashes**: runs of nearby offsets (the local band above
+  all) become small dense windows -- the C rows of a chunk read, at offset ``o``, the
+  contiguous keys ``pos - o .. pos - o + C - 1``, so per chunk one fused attention call
+  over keys ``pos_first - hi .. pos_last - lo`` with the non-selected diagonals masked,
+  batched over chunks; isolated offsets are one vectorised step per offset on
+  contiguous slices of K and V (~30-40 ns per cell). A tiny cost model picks windows
+  or slices (:func:`_split_slashes`). Vertical cells that lie on a chosen slash are
+  masked in the vertical part. Each part returns its output and row log-sum-exp; parts
+  are merged exactly in fp32: ``out = sum_p exp(lse_p - lse) out_p`` with
+  ``lse = logsumexp_p lse_p``.
 
 The fused part is PyTorch's CPU flash-attention kernel
 (``aten._scaled_dot_product_flash_attention_for_cpu``, the kernel behind
@@ -56,12 +63,10 @@ from .lines import LinePattern, _intra_op_threads
 
 __all__ = ["dense_prefill_attention", "sparse_prefill_attention"]
 
-# Cost model (per row, in units of one windowed cell, ~5 ns in the fused kernel), measured
-# on a 2-core AVX-512 CPU with benchmarks/prefill_attention_kernel.py: a slash cell costs
-# ~7 ns in the native kernel and ~30-40 ns on the pure-torch slice path; a window also
-# pays a small fixed cost (mask, indices). So windows win only for long dense runs of
-# offsets with the native kernel (a wide A-shape band), and for most runs without it.
-_SLICE_CELL_COST_NATIVE = 1.5
+# Cost model of the pure-torch path (per row, in units of one windowed cell, ~5 ns in
+# the fused kernel), measured on a 2-core AVX-512 CPU: a sliced slash cell costs ~30-40 ns;
+# a window also pays a small fixed cost (mask, indices). So windows win for most runs of
+# nearby offsets there. The native kernel needs no windows (see _plan_head).
 _SLICE_CELL_COST_TORCH = 8.0
 _WINDOW_FIXED_COST = 4.0
 
@@ -73,151 +78,349 @@ _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 #
 # A slash cell reads a different key for every row, so it has no matmul form: each cell
 # is one D-long dot product and one D-long axpy. In torch ops that costs ~30-40 ns per
-# cell (every step streams a (G, rows, D) temporary); a plain C loop that keeps one row's
-# queries and accumulators in registers does it in ~7 ns. The C source below is compiled
-# once per machine with the system C compiler (well under a second, no torch headers),
-# cached, and called through ctypes, which releases the GIL so row ranges run on
-# ``torch.get_num_threads()`` Python threads. Without a compiler, or with
+# cell (every step streams a (G, rows, D) temporary); the C kernel below puts 16 rows in
+# the lanes of a vector register (their keys at one offset are contiguous) and does it in
+# ~4 ns per (query head, cell), verticals included. It is generated per (G, D) so the
+# score and value tiles stay in registers, compiled once per machine with the system C
+# compiler (-O3 -march=native; seconds, no torch headers), cached, and called through
+# ctypes, which releases the GIL so row ranges run on ``torch.get_num_threads()`` Python
+# threads. Without a compiler, or with
 # ``LOOPSERVE_NATIVE=0``, the pure-torch path is used; both give the same result up to
 # fp32 rounding (the kernel's exp is a ~1 ulp polynomial).
 
-_NATIVE_SOURCE = r"""
+_NATIVE_HEAD = r"""
 #include <math.h>
 #include <stdint.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include <stdlib.h>
+#include <string.h>
 
-/* exp(x) for x <= 0: Cody-Waite reduction + degree-6 polynomial (~1 ulp), no libm
-   call so that loops over it vectorise; x < -87 gives ~0. */
-static inline float exp_neg(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float n = __builtin_rintf(x * 1.44269504088896341f);
-    float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.16666667f + r * (0.041666668f + r * (0.008333334f + r * 0.0013888889f)))));
-    union { int32_t i; float f; } e;
-    e.i = ((int32_t)n + 127) << 23;
-    return p * e.f;
-}
+/* Row-vectorised slash attention. W = 16 consecutive rows share one vector register
+   lane each: for offset o, their keys are the contiguous keys pos_0 - o .. pos_0 - o + 15,
+   so with K, V stored transposed (d-major) every load is one contiguous vector and the
+   dot products, softmax and value sums are plain vertical vector arithmetic (no
+   horizontal reductions). The G query heads of a KV head share every K/V load. */
 
-static inline float dot(const float *a, const float *b, int64_t D) {
-#if defined(__AVX512F__)
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 16)
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
-    return _mm512_reduce_add_ps(acc);
+#define W 16
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+typedef float vfu __attribute__((vector_size(W * 4), aligned(4)));
+
+static inline vf ld(const float *p) { return *(const vfu *)p; }
+/* Load once into a register: without this the compiler folds the load into each of the
+   G FMAs that use it, and the loop becomes bound by loads instead of FMAs. */
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__AVX512F__)
+#define KEEP(x) __asm__("" : "+v"(x)) /* a 16-float vector is one zmm register */
 #else
-    float acc[16] = {0};
-    for (int64_t d = 0; d < D; d += 16)
-        for (int l = 0; l < 16; ++l) acc[l] += a[d + l] * b[d + l];
-    for (int w = 8; w > 0; w /= 2)
-        for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-    return acc[0];
+#define KEEP(x) ((void)0)
 #endif
+static inline void st(float *p, vf x) { *(vfu *)p = x; }
+static inline vf splat(float x) { return (vf){0} + x; }
+static inline vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
+
+/* exp(x), exactly 0 for x < -87 (and -inf); Cody-Waite + degree-6 polynomial (~1 ulp). */
+static inline vf vexp(vf x) {
+    vi ok = x >= splat(-87.0f);
+    x = vmax(x, splat(-87.0f));
+    vf t = x * splat(1.44269504088896341f) + splat(12582912.0f);
+    vf n = t - splat(12582912.0f);
+    vf r = x - n * splat(0.693145751953125f) - n * splat(1.428606765330187045e-06f);
+    vf p = splat(0.0013888889f);
+    p = p * r + splat(0.008333334f);
+    p = p * r + splat(0.041666668f);
+    p = p * r + splat(0.16666667f);
+    p = p * r + splat(0.5f);
+    p = p * r + splat(1.0f);
+    p = p * r + splat(1.0f);
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return (vf)((vi)(p * (vf)e) & ok);
 }
 
-/* out[0:64] = sum_t p[t] * rows[t][d0:d0+64], rows given by key indices. Two offsets per
-   step with separate accumulators, so FMA latency does not serialise the loop. */
-static inline void axpy_rows(float *o, const float *p, const float *v, const int64_t *key,
-                             int64_t mm, int64_t D, int64_t d0) {
-#if defined(__AVX512F__)
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    int64_t t = 0;
-    for (; t + 1 < mm; t += 2) {
-        const float *vr = v + key[t] * D + d0, *wr = v + key[t + 1] * D + d0;
-        __m512 pt = _mm512_set1_ps(p[t]), pu = _mm512_set1_ps(p[t + 1]);
-        a0 = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vr), a0);
-        a1 = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vr + 16), a1);
-        a2 = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vr + 32), a2);
-        a3 = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vr + 48), a3);
-        b0 = _mm512_fmadd_ps(pu, _mm512_loadu_ps(wr), b0);
-        b1 = _mm512_fmadd_ps(pu, _mm512_loadu_ps(wr + 16), b1);
-        b2 = _mm512_fmadd_ps(pu, _mm512_loadu_ps(wr + 32), b2);
-        b3 = _mm512_fmadd_ps(pu, _mm512_loadu_ps(wr + 48), b3);
-    }
-    if (t < mm) {
-        const float *vr = v + key[t] * D + d0;
-        __m512 pt = _mm512_set1_ps(p[t]);
-        a0 = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vr), a0);
-        a1 = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vr + 16), a1);
-        a2 = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vr + 32), a2);
-        a3 = _mm512_fmadd_ps(pt, _mm512_loadu_ps(vr + 48), a3);
-    }
-    _mm512_storeu_ps(o, _mm512_add_ps(a0, b0)); _mm512_storeu_ps(o + 16, _mm512_add_ps(a1, b1));
-    _mm512_storeu_ps(o + 32, _mm512_add_ps(a2, b2)); _mm512_storeu_ps(o + 48, _mm512_add_ps(a3, b3));
-#else
-    float acc[64] = {0};
-    for (int64_t t = 0; t < mm; ++t) {
-        const float *vr = v + key[t] * D + d0;
-        for (int l = 0; l < 64; ++l) acc[l] += p[t] * vr[l];
-    }
-    for (int l = 0; l < 64; ++l) o[l] = acc[l];
-#endif
-}
+#define TC 32 /* offsets per online-softmax chunk */
 
-/* max and sum over x[0:n] with 16 independent lanes (no serial dependency chain). */
-static inline float lane_max(const float *x, int64_t n) {
-    float acc[16];
-    for (int l = 0; l < 16; ++l) acc[l] = -INFINITY;
-    int64_t t = 0;
-    for (; t + 16 <= n; t += 16)
-        for (int l = 0; l < 16; ++l) acc[l] = x[t + l] > acc[l] ? x[t + l] : acc[l];
-    for (; t < n; ++t) acc[0] = x[t] > acc[0] ? x[t] : acc[0];
-    for (int w = 8; w > 0; w /= 2)
-        for (int l = 0; l < w; ++l) acc[l] = acc[l + w] > acc[l] ? acc[l + w] : acc[l];
-    return acc[0];
-}
+"""
 
-static inline float lane_sum(const float *x, int64_t n) {
-    float acc[16] = {0};
-    int64_t t = 0;
-    for (; t + 16 <= n; t += 16)
-        for (int l = 0; l < 16; ++l) acc[l] += x[t + l];
-    for (; t < n; ++t) acc[0] += x[t];
-    for (int w = 8; w > 0; w /= 2)
-        for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-    return acc[0];
-}
-
-/* Slash attention of rows [r0, r1) of one KV head; D a multiple of 64.
-   q (G, R, D) pre-scaled; k, v padded (key j at row pad + j); offsets ascending (m);
-   row r sits at position p0 + r; its key for offset o is p0 + r - o, a cell iff >= 0
-   and skip[pad + key] == 0 (skip marks keys owned by the vertical part).
-   scratch: G * m floats, keys: m int64 (per calling thread).
-   Writes out (G, R, D) and lse (G, R) (-inf for rows without a cell). */
-void slash_attention(const float *q, const float *k, const float *v, const int64_t *offsets,
-                     const uint8_t *skip, int64_t m, int64_t G, int64_t R, int64_t D, int64_t p0,
-                     int64_t pad, int64_t r0, int64_t r1, float *scratch, int64_t *keys,
-                     float *out, float *lse) {
-    for (int64_t r = r0; r < r1; ++r) {
-        int64_t pos = p0 + r, mm = 0;
-        for (int64_t t = 0; t < m && offsets[t] <= pos; ++t) {
-            int64_t key = pad + pos - offsets[t];
-            keys[mm] = key;
-            mm += !skip[key];
-        }
-        for (int64_t t = 0; t < mm; ++t) {  /* each K row serves the G heads */
-            const float *kr = k + keys[t] * D;
-            for (int64_t g = 0; g < G; ++g) scratch[g * m + t] = dot(q + (g * R + r) * D, kr, D);
-        }
-        for (int64_t g = 0; g < G; ++g) {
-            float *s = scratch + g * m, *o = out + (g * R + r) * D;
-            if (mm == 0) {
-                lse[g * R + r] = -INFINITY;
-                for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
-                continue;
+# One specialisation per (G, D): with compile-time sizes the score and value tiles
+# (G x TT and G x DT vectors) live in registers.
+_NATIVE_BLOCK = r"""
+static void blk_G_D(
+           const float *qT, int64_t Rq, const float *KT, const float *VT, const float *bias, int64_t ldk,
+           const int64_t *offsets, int64_t m, const float *kv, const float *vv, const int64_t *vkey, int64_t nv,
+           int64_t p0, int64_t pad, int64_t r, float *S, float *acc, float *out, float *lse) {
+    enum { G = GG, D = DD, TT = TTT, DT = DTT };
+    /* qT: (G, D, Rq), out: (G, Rq, D); row block r .. r+W-1. S: G*(TC+8)*W, acc: G*D*W.
+       Verticals first (kv, vv: (nv, D) gathered rows, one key for all lanes), then slashes
+       (a contiguous key vector per offset); one online softmax over both. */
+    const int64_t pos0 = p0 + r, base = pad + pos0;
+    int64_t mt = 0, nvt = 0;
+    while (mt < m && offsets[mt] <= pos0 + W - 1) ++mt;
+    while (nvt < nv && vkey[nvt] <= pos0 + W - 1) ++nvt;
+    vi lane_pos;
+    for (int i = 0; i < W; ++i) lane_pos[i] = (int32_t)(pos0 + i);
+    vf mrun[G], lrun[G];
+    for (int g = 0; g < G; ++g) { mrun[g] = splat(-INFINITY); lrun[g] = splat(0.0f); }
+    memset(acc, 0, sizeof(float) * G * D * W);
+    const int64_t total = nvt + mt;
+    for (int64_t c0 = 0, nc = 0; c0 < total; c0 += nc) {
+        /* a chunk is all verticals or all slashes */
+        const int vert = c0 < nvt;
+        const int64_t lim = vert ? nvt : total;
+        nc = lim - c0 < TC ? lim - c0 : TC;
+        const int64_t s0 = c0 - nvt; /* first slash index of a slash chunk */
+        if (vert) {
+            for (int64_t t = 0; t < nc; t += TT) {
+                const int tt_n = nc - t < TT ? (int)(nc - t) : TT;
+                const float *kr[TT];
+                for (int u = 0; u < TT; ++u) kr[u] = kv + (c0 + t + (u < tt_n ? u : 0)) * D;
+                vf s[G][TT];
+#pragma GCC unroll 16
+                for (int g = 0; g < G; ++g)
+#pragma GCC unroll 16
+                    for (int u = 0; u < TT; ++u) s[g][u] = splat(0.0f);
+                for (int d = 0; d < D; ++d) {
+                    vf qv[G];
+#pragma GCC unroll 16
+                    for (int g = 0; g < G; ++g) qv[g] = ld(qT + ((int64_t)g * D + d) * Rq + r);
+#pragma GCC unroll 16
+                    for (int u = 0; u < TT; ++u) {
+                        vf kb = splat(kr[u][d]);
+                        KEEP(kb);
+#pragma GCC unroll 16
+                        for (int g = 0; g < G; ++g) s[g][u] += qv[g] * kb;
+                    }
+                }
+#pragma GCC unroll 16
+                for (int u = 0; u < TT; ++u) {
+                    const int64_t key = vkey[c0 + t + (u < tt_n ? u : 0)];
+                    vi ok = lane_pos >= (vi){0} + (int32_t)key;
+                    vf b = vsel(ok, splat(0.0f), splat(-INFINITY));
+#pragma GCC unroll 16
+                    for (int g = 0; g < G; ++g) st(S + ((int64_t)g * (TC + 8) + t + u) * W, s[g][u] + b);
+                }
             }
-            float mx = lane_max(s, mm);
-            for (int64_t t = 0; t < mm; ++t) s[t] = exp_neg(s[t] - mx);
-            float den = lane_sum(s, mm);
-            lse[g * R + r] = mx + logf(den);
-            float inv = 1.0f / den;
-            for (int64_t t = 0; t < mm; ++t) s[t] *= inv;
-            for (int64_t d0 = 0; d0 < D; d0 += 64) axpy_rows(o + d0, s, v, keys, mm, D, d0);
+        } else {
+            for (int64_t t = 0; t < nc; t += TT) {
+                const int tt_n = nc - t < TT ? (int)(nc - t) : TT;
+                int64_t kb[TT];
+                for (int u = 0; u < TT; ++u) kb[u] = base - offsets[s0 + t + (u < tt_n ? u : 0)];
+                vf s[G][TT];
+#pragma GCC unroll 16
+                for (int g = 0; g < G; ++g)
+#pragma GCC unroll 16
+                    for (int u = 0; u < TT; ++u) s[g][u] = splat(0.0f);
+                for (int d = 0; d < D; ++d) {
+                    vf qv[G];
+#pragma GCC unroll 16
+                    for (int g = 0; g < G; ++g) qv[g] = ld(qT + ((int64_t)g * D + d) * Rq + r);
+                    const float *kd = KT + (int64_t)d * ldk;
+#pragma GCC unroll 16
+                    for (int u = 0; u < TT; ++u) {
+                        vf kx = ld(kd + kb[u]);
+                        KEEP(kx);
+#pragma GCC unroll 16
+                        for (int g = 0; g < G; ++g) s[g][u] += qv[g] * kx;
+                    }
+                }
+#pragma GCC unroll 16
+                for (int u = 0; u < TT; ++u) {
+                    vf b = ld(bias + kb[u]);
+#pragma GCC unroll 16
+                    for (int g = 0; g < G; ++g) st(S + ((int64_t)g * (TC + 8) + t + u) * W, s[g][u] + b);
+                }
+            }
         }
+        /* online softmax */
+        vf corr[G];
+        for (int g = 0; g < G; ++g) {
+            float *Sg = S + (int64_t)g * (TC + 8) * W;
+            vf cm = ld(Sg);
+            for (int64_t u = 1; u < nc; ++u) cm = vmax(cm, ld(Sg + u * W));
+            vf nm = vmax(mrun[g], cm);
+            vf safe = vsel(nm == splat(-INFINITY), splat(0.0f), nm);
+            corr[g] = vexp(mrun[g] - safe);
+            vf sum = splat(0.0f);
+            for (int64_t u = 0; u < nc; ++u) {
+                vf p = vexp(ld(Sg + u * W) - safe);
+                st(Sg + u * W, p);
+                sum += p;
+            }
+            lrun[g] = lrun[g] * corr[g] + sum;
+            mrun[g] = nm;
+        }
+        /* values */
+        for (int d0 = 0; d0 < D; d0 += DT) {
+            vf a[G][DT];
+#pragma GCC unroll 16
+            for (int g = 0; g < G; ++g)
+#pragma GCC unroll 16
+                for (int e = 0; e < DT; ++e) a[g][e] = ld(acc + ((int64_t)g * D + d0 + e) * W) * corr[g];
+            if (vert) {
+                for (int64_t u = 0; u < nc; ++u) {
+                    const float *vr = vv + (c0 + u) * D + d0;
+                    vf pv[G];
+#pragma GCC unroll 16
+                    for (int g = 0; g < G; ++g) pv[g] = ld(S + ((int64_t)g * (TC + 8) + u) * W);
+#pragma GCC unroll 16
+                    for (int e = 0; e < DT; ++e) {
+                        vf vx = splat(vr[e]);
+                        KEEP(vx);
+#pragma GCC unroll 16
+                        for (int g = 0; g < G; ++g) a[g][e] += pv[g] * vx;
+                    }
+                }
+            } else {
+                for (int64_t u = 0; u < nc; ++u) {
+                    const int64_t vb = base - offsets[s0 + u];
+                    vf pv[G];
+#pragma GCC unroll 16
+                    for (int g = 0; g < G; ++g) pv[g] = ld(S + ((int64_t)g * (TC + 8) + u) * W);
+#pragma GCC unroll 16
+                    for (int e = 0; e < DT; ++e) {
+                        vf vx = ld(VT + (int64_t)(d0 + e) * ldk + vb);
+                        KEEP(vx);
+#pragma GCC unroll 16
+                        for (int g = 0; g < G; ++g) a[g][e] += pv[g] * vx;
+                    }
+                }
+            }
+#pragma GCC unroll 16
+            for (int g = 0; g < G; ++g)
+#pragma GCC unroll 16
+                for (int e = 0; e < DT; ++e) st(acc + ((int64_t)g * D + d0 + e) * W, a[g][e]);
+        }
+    }
+    for (int g = 0; g < G; ++g) {
+        float lv[W], mv[W], inv[W];
+        st(lv, lrun[g]);
+        st(mv, mrun[g]);
+        for (int i = 0; i < W; ++i) {
+            inv[i] = lv[i] > 0.0f ? 1.0f / lv[i] : 0.0f;
+            lse[(int64_t)g * Rq + r + i] = lv[i] > 0.0f ? mv[i] + logf(lv[i]) : -INFINITY;
+        }
+        const float *ag = acc + (int64_t)g * D * W;
+        float *og = out + ((int64_t)g * Rq + r) * D;
+        for (int i = 0; i < W; ++i)
+            for (int d = 0; d < D; ++d) og[i * D + d] = ag[d * W + i] * inv[i];
     }
 }
 """
+
+_NATIVE_TAIL = r"""
+typedef void (*blk_fn)(const float *, int64_t, const float *, const float *, const float *, int64_t,
+                       const int64_t *, int64_t, const float *, const float *, const int64_t *, int64_t, int64_t,
+                       int64_t, int64_t, float *, float *, float *, float *);
+static const blk_fn table64[8] = {blk_1_64, blk_2_64, blk_3_64, blk_4_64, blk_5_64, blk_6_64, blk_7_64, blk_8_64};
+static const blk_fn table128[8] = {blk_1_128, blk_2_128, blk_3_128, blk_4_128,
+                                   blk_5_128, blk_6_128, blk_7_128, blk_8_128};
+
+/* ---- Greedy maximum coverage rounds (see lines._greedy_cover, which this mirrors) ----
+   gain (B, 2, N) fp64: marginal mass of vertical x (kind 0) / slash x (kind 1), -inf once
+   taken; chosen (B, 2, N); A (B, s, N) fp32 probe attention; pos (s) row positions.
+   Each round, per active head: the leading kind's lines with gain >= the other kind's
+   best (and > tol), in gain order, cut where the target or lines_left is reached; taking
+   a line lowers the other kind's gains by the cells they share. Picks are appended to
+   the log. Returns the number of rounds. scr_g/scr_x: N entries; work: 3*B doubles. */
+static int cmp_desc(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x < y) - (x > y);
+}
+
+int64_t greedy_rounds(double *gain, uint8_t *chosen, const float *A, const int64_t *pos, int64_t B, int64_t s,
+                      int64_t N, double *covered, const double *target, const double *tol, int64_t *lines_left,
+                      int64_t *log_b, int64_t *log_k, int64_t *log_x, double *log_g, int64_t *n_log,
+                      double *scr, double *work) {
+    int64_t rounds = 0, nl = *n_log;
+    double *best0 = work, *best1 = work + B;
+    for (;;) {
+        int any = 0;
+        for (int64_t b = 0; b < B; ++b) {
+            const double *g0 = gain + (b * 2) * N, *g1 = g0 + N;
+            double m0 = -INFINITY, m1 = -INFINITY;
+            for (int64_t x = 0; x < N; ++x) { m0 = g0[x] > m0 ? g0[x] : m0; m1 = g1[x] > m1 ? g1[x] : m1; }
+            best0[b] = m0; best1[b] = m1;
+            double best = m0 >= m1 ? m0 : m1;
+            any |= covered[b] < target[b] && best > tol[b] && lines_left[b] > 0;
+        }
+        if (!any) break;
+        ++rounds;
+        for (int64_t b = 0; b < B; ++b) {
+            const double m0 = best0[b], m1 = best1[b];
+            const int lead = m0 >= m1 ? 0 : 1;
+            const double best = lead ? m1 : m0, bound = lead ? m0 : m1;
+            if (!(covered[b] < target[b] && best > tol[b] && lines_left[b] > 0)) continue;
+            double *cand = gain + (b * 2 + lead) * N, *other = gain + (b * 2 + 1 - lead) * N;
+            /* run: (gain, x) pairs, sorted by gain descending */
+            int64_t nr = 0;
+            for (int64_t x = 0; x < N; ++x)
+                if (cand[x] >= bound && cand[x] > tol[b]) { scr[2 * nr] = cand[x]; scr[2 * nr + 1] = (double)x; ++nr; }
+            qsort(scr, (size_t)nr, 2 * sizeof(double), cmp_desc);
+            const double remaining = target[b] - covered[b];
+            double before = 0.0;
+            int64_t taken = 0;
+            for (int64_t i = 0; i < nr; ++i) {
+                if (!(before < remaining) || taken >= lines_left[b]) break;
+                const double g = scr[2 * i];
+                const int64_t x = (int64_t)scr[2 * i + 1];
+                before += g;
+                ++taken;
+                const double gp = g > 0.0 ? g : 0.0;
+                log_b[nl] = b; log_k[nl] = lead; log_x[nl] = x; log_g[nl] = gp; ++nl;
+                covered[b] += gp;
+                cand[x] = -INFINITY;
+                chosen[(b * 2 + lead) * N + x] = 1;
+                const float *Ab = A + b * s * N;
+                for (int64_t r = 0; r < s; ++r) {
+                    const int64_t ox = pos[r] - x;
+                    if (ox < 0) continue;
+                    other[ox] -= (double)Ab[r * N + (lead == 0 ? x : ox)];
+                }
+            }
+            lines_left[b] -= taken;
+        }
+    }
+    *n_log = nl;
+    return rounds;
+}
+
+int slash_supported(int64_t G, int64_t D) { return G >= 1 && G <= 8 && (D == 64 || D == 128); }
+
+/* Rows [r0, r1) (multiples of 16) of one KV head, over its verticals and slashes.
+   qT (G, D, Rq) pre-scaled queries, transposed (Rq a multiple of 16); KT, VT (D, ldk):
+   K/V transposed with `pad` zero keys in front (key j at column pad + j) and >= 16 zero
+   keys behind; bias (ldk): 0 for keys a slash may use, -inf for the front padding and
+   for vertical keys (a vertical/slash intersection belongs to the vertical);
+   offsets ascending (m), pad >= the largest; kv, vv (nv, D): the K/V rows of the
+   verticals, keys vkey ascending (nv); row r sits at position p0 + r.
+   scratch: G*(TC + 8 + D)*16 floats. Writes out (G, Rq, D) and lse (G, Rq) (-inf for rows without a cell). */
+void slash_attention(const float *qT, int64_t Rq, const float *KT, const float *VT, const float *bias,
+                     int64_t ldk, const int64_t *offsets, int64_t m, const float *kv, const float *vv,
+                     const int64_t *vkey, int64_t nv, int64_t G, int64_t D, int64_t p0,
+                     int64_t pad, int64_t r0, int64_t r1, float *scratch, float *out, float *lse) {
+    blk_fn f = (D == 64 ? table64 : table128)[G - 1];
+    float *S = scratch, *acc = scratch + G * (TC + 8) * W;
+    for (int64_t r = r0; r < r1; r += W)
+        f(qT, Rq, KT, VT, bias, ldk, offsets, m, kv, vv, vkey, nv, p0, pad, r, S, acc, out, lse);
+}
+"""
+
+# (G, score tile TT, value tile DT): G*TT and G*DT accumulators stay within ~24 of the 32
+# vector registers; DT must divide D.
+_NATIVE_SPECS = [(1, 8, 16), (2, 8, 8), (3, 8, 8), (4, 6, 4), (5, 4, 4), (6, 4, 4), (7, 3, 2), (8, 3, 2)]
+_NATIVE_SOURCE = "\n".join(
+    [_NATIVE_HEAD]
+    + [
+        _NATIVE_BLOCK.replace("blk_G_D", f"blk_{g}_{d}").replace(
+            "G = GG, D = DD, TT = TTT, DT = DTT", f"G = {g}, D = {d}, TT = {tt}, DT = {dt}"
+        )
+        for d in (64, 128)
+        for g, tt, dt in _NATIVE_SPECS
+    ]
+    + [_NATIVE_TAIL]
+)
+_NATIVE_MAX_G = 8
+_NATIVE_DIMS = (64, 128)
+_NATIVE_TC = 32  # TC in the C source
+
 
 _native_lock = threading.Lock()
 _native_state: dict = {}
@@ -276,8 +479,18 @@ def _build_native():
     fn = lib.slash_attention
     fn.restype = None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr]
+    fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr]
+    greedy = lib.greedy_rounds
+    greedy.restype = i64
+    greedy.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    _native_state["greedy"] = greedy
     return fn
+
+
+def _native_greedy():
+    """The compiled greedy round loop (used by lines._greedy_cover), or None."""
+    _native_kernel()
+    return _native_state.get("greedy")
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -293,8 +506,8 @@ def _thread_pool(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _native_usable(D: int) -> bool:
-    return D % 64 == 0 and _native_kernel() is not None
+def _native_usable(D: int, G: int = 1) -> bool:
+    return D in _NATIVE_DIMS and 1 <= G <= _NATIVE_MAX_G and _native_kernel() is not None
 
 
 def dense_prefill_attention(
@@ -407,16 +620,22 @@ class _HeadPlan:
     windows: list[tuple[int, int]]  # windowed offset runs (lo, hi)
     sliced: list[int]  # isolated offsets
     pad_front: int  # K/V are padded with this many zero rows in front (>= max offset)
-    native: bool  # sliced offsets go to the native kernel
-    skip: torch.Tensor | None  # native only: (padded keys,) uint8, 1 = key owned by the verticals
+    native: bool  # verticals and slashes go to the native kernel (no windows then)
+    bias: torch.Tensor | None  # native only: (padded keys,) fp32, -inf = key not a slash cell (padding, verticals)
+    offsets_t: torch.Tensor | None = None  # sliced offsets as an int64 tensor
 
 
 def _plan_head(vertical: torch.Tensor, slash: torch.Tensor, N: int, chunk: int, native: bool = False) -> _HeadPlan:
-    vertical = vertical.to(torch.long)
+    vertical = vertical.to(torch.long).contiguous()
     is_slash = torch.zeros(N, dtype=torch.bool)
     is_slash[slash.to(torch.long)] = True
     offsets = sorted(set(slash.tolist()))
-    windows, sliced = _split_slashes(offsets, chunk, _SLICE_CELL_COST_NATIVE if native else _SLICE_CELL_COST_TORCH)
+    if native:
+        # The native kernel runs verticals and slashes in one pass; a band of adjacent
+        # offsets reads contiguous, cache-resident keys there, so no windows are needed.
+        windows, sliced = [], offsets
+    else:
+        windows, sliced = _split_slashes(offsets, chunk, _SLICE_CELL_COST_TORCH)
     # Each cell enters the softmax once. A vertical cell on a sliced offset: the native
     # kernel skips vertical keys (the vertical part owns the cell); the torch slice path
     # does not, so there the vertical part drops it. On a windowed offset the vertical
@@ -438,11 +657,18 @@ def _plan_head(vertical: torch.Tensor, slash: torch.Tensor, N: int, chunk: int, 
     win_rel = torch.cat(rel) if rel else torch.zeros(0, dtype=torch.long)
     win_band = torch.cat(bands, 1) if bands else torch.zeros(chunk, 0, dtype=torch.bool)
     pad_front = int(slash.max()) if len(slash) else 0
-    skip = None
+    bias = None
     if native:
-        skip = torch.zeros(pad_front + N + 2 * chunk, dtype=torch.uint8)
-        skip[pad_front + vertical] = 1
-    return _HeadPlan(vertical, is_slash, vertical_drop, win_rel, win_band, windows, sliced, pad_front, native, skip)
+        bias = torch.zeros(pad_front + N + _back_pad(chunk))
+        bias[:pad_front] = -math.inf  # keys before position 0
+        bias[pad_front + vertical] = -math.inf  # owned by the vertical part
+    offsets_t = torch.tensor(sliced, dtype=torch.long)
+    return _HeadPlan(vertical, is_slash, vertical_drop, win_rel, win_band, windows, sliced, pad_front, native, bias, offsets_t)
+
+
+def _back_pad(chunk: int) -> int:
+    """Zero keys behind the last: padded rows (to a multiple of chunk, then of 16) read there."""
+    return 2 * chunk + 16
 
 
 # --------------------------------------------------------------------------------------
@@ -513,42 +739,48 @@ def _window_part(qb, kpad, vpad, plan: _HeadPlan, p0, chunk, scale, threads):
 
 
 def _sliced_part(qb, kf, vf, plan: _HeadPlan, p0, scale, threads):
-    """Isolated slashes of a block of rows; ``kf``/``vf`` are the padded K/V in fp32."""
-    if plan.native:
-        return _sliced_native(qb, kf, vf, plan, p0, scale, threads)
+    """Isolated slashes of a block of rows (torch path); ``kf``/``vf``: padded K/V in fp32."""
     with _intra_op_threads(threads):  # large elementwise ops: worth the threads
         return _sliced_torch(qb, kf, vf, plan, p0, scale)
 
 
-def _sliced_native(qb, kf, vf, plan: _HeadPlan, p0, scale, threads):
-    """Isolated slashes in the native kernel, rows split over the intra-op thread count."""
+def _native_part(qb, kT, vT, kvert, vvert, plan: _HeadPlan, p0, scale, threads):
+    """Verticals and slashes of a block of rows in the native kernel (one online softmax).
+
+    ``kT``/``vT``: padded K/V, fp32, transposed ``(D, keys)``; ``kvert``/``vvert``: the
+    verticals' K/V rows, fp32 ``(nv, D)``. The kernel reads transposed queries
+    ``(G, D, rows)`` (rows in vector lanes) and writes the output as ``(G, rows, D)``.
+    16-row blocks are split over ``threads`` Python threads (ctypes releases the GIL).
+    """
     G, R, D = qb.shape
     fn = _native_kernel()
-    q = (qb.float() * scale).contiguous()
-    offs = torch.tensor(plan.sliced, dtype=torch.long)
-    m = len(offs)
-    out = torch.empty(G, R, D)
-    lse = torch.empty(G, R)
-    workers = max(1, min(threads, R // 64))
+    Rq = -(-R // 16) * 16
+    q = torch.zeros(G, D, Rq)
+    torch.mul(qb.transpose(1, 2), scale, out=q[:, :, :R])
+    offs, vkey = plan.offsets_t, plan.vertical
+    out = torch.empty(G, Rq, D)
+    lse = torch.empty(G, Rq)
+    workers = max(1, min(threads, Rq // 64))
     # Several small row ranges per worker, taken dynamically: if another process holds a
     # core, the other worker picks up the rest instead of everyone waiting for it.
-    step = R if workers == 1 else max(64, -(-R // (4 * workers)))
-    ranges = [(a, min(R, a + step)) for a in range(0, R, step)]
+    step = Rq if workers == 1 else max(64, -(-Rq // (4 * workers * 16)) * 16)
+    ranges = [(a, min(Rq, a + step)) for a in range(0, Rq, step)]
     local = threading.local()
+    ldk = kT.shape[1]
 
     def run(rows: tuple[int, int]) -> None:
         if not hasattr(local, "scratch"):
-            local.scratch = (torch.empty(G * m), torch.empty(m, dtype=torch.long))
-        sc, keys = local.scratch
-        fn(q.data_ptr(), kf.data_ptr(), vf.data_ptr(), offs.data_ptr(), plan.skip.data_ptr(), m, G, R, D, p0,
-           plan.pad_front, rows[0], rows[1], sc.data_ptr(), keys.data_ptr(), out.data_ptr(), lse.data_ptr())
+            local.scratch = torch.empty(G * (_NATIVE_TC + 8 + D) * 16)
+        fn(q.data_ptr(), Rq, kT.data_ptr(), vT.data_ptr(), plan.bias.data_ptr(), ldk, offs.data_ptr(), len(offs),
+           kvert.data_ptr(), vvert.data_ptr(), vkey.data_ptr(), len(vkey), G, D, p0, plan.pad_front, rows[0], rows[1],
+           local.scratch.data_ptr(), out.data_ptr(), lse.data_ptr())
 
     if workers == 1:
         run(ranges[0])
     else:
         list(_thread_pool(workers).map(run, ranges))
-    has = ~torch.isinf(lse[0])  # a row has cells iff some offset is <= its position
-    return out, lse, has
+    lse = lse[:, :R]
+    return out[:, :R], lse, ~torch.isinf(lse[0])
 
 
 def _sliced_torch(qb, kf, vf, plan: _HeadPlan, p0, scale):
@@ -635,7 +867,8 @@ def sparse_prefill_attention(
     off = N - n
     n_pad = -(-n // chunk) * chunk
     dtype = q.dtype
-    native = _native_usable(D) if native is None else bool(native) and _native_usable(D)
+    gq = 1 if pattern.per_query_head else G  # query heads per pattern head
+    native = _native_usable(D, gq) if native is None else bool(native) and _native_usable(D, gq)
 
     out = torch.empty(H, n_pad, D, dtype=dtype)
     threads = torch.get_num_threads()
@@ -651,13 +884,21 @@ def sparse_prefill_attention(
             kh, vh = k[kvh], v[kvh]
             # Zero padding: in front so that pos - offset >= 0 indexes, behind for padded rows.
             front = kh.new_zeros(plan.pad_front, D)
-            back = kh.new_zeros(2 * chunk, D)
+            back = kh.new_zeros(_back_pad(chunk), D)
             kpad, vpad = torch.cat([front, kh, back]), torch.cat([front, vh, back])
             kvert, vvert = kh[plan.vertical], vh[plan.vertical]
-            kf, vf = (kpad.float().contiguous(), vpad.float().contiguous()) if plan.sliced else (None, None)
+            kf = vf = None
+            if plan.native:  # transposed (D, keys): rows go in vector lanes
+                kf, vf = kpad.float().T.contiguous(), vpad.float().T.contiguous()
+                kvert, vvert = kvert.float().contiguous(), vvert.float().contiguous()
+            elif plan.sliced:
+                kf, vf = kpad.float().contiguous(), vpad.float().contiguous()
             qs = q[qh]
             if n_pad > n:
                 qs = torch.cat([qs, qs.new_zeros(qs.shape[0], n_pad - n, D)], 1)
+            if plan.native:  # memory is O(rows) here: all rows in one call
+                out[qh] = _merge([_native_part(qs, kf, vf, kvert, vvert, plan, off, scale, threads)], dtype)
+                continue
             for r0 in range(0, n_pad, block):
                 qb = qs[:, r0 : r0 + block]
                 p0 = off + r0
