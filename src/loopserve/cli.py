@@ -8,16 +8,9 @@ import sys
 
 
 def _knobs(pairs: list[str] | None) -> dict:
-    out = {}
-    for p in pairs or []:
-        if "=" not in p:
-            raise SystemExit(f"error: --knob expects NAME=VALUE, got {p!r}")
-        k, v = p.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+    from .engine.registry import parse_knobs
+
+    return parse_knobs(pairs)
 
 
 def _engine(args):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 from dataclasses import dataclass
 
 from ..attention.base import PREFILL_METHODS, PrefillMethod
@@ -74,6 +75,20 @@ def describe_methods() -> list[dict]:
             if name in table:
                 rows.append({"name": name, "phase": phase, "description": table[name].description})
     return rows
+
+
+def parse_knobs(pairs: list[str] | None) -> dict:
+    """`["alpha=0.8", "mode=bounded"]` -> `{"alpha": 0.8, "mode": "bounded"}` (values as JSON when they parse)."""
+    out = {}
+    for p in pairs or []:
+        if "=" not in p:
+            raise ValueError(f"--knob expects NAME=VALUE, got {p!r}")
+        k, v = p.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
 
 
 def _split(name: str) -> tuple[str, str]:

@@ -7,22 +7,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-
-
-def _parse_knobs(pairs: list[str] | None) -> dict:
-    out = {}
-    for p in pairs or []:
-        if "=" not in p:
-            raise ValueError(f"--knob expects NAME=VALUE, got {p!r}")
-        k, v = p.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
 
 
 def _default_db() -> str:
@@ -64,7 +50,9 @@ def cmd_serve(args) -> int:
     from .app import ServerConfig, create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    knobs = _parse_knobs(args.knob)
+    from ..engine.registry import parse_knobs
+
+    knobs = parse_knobs(args.knob)
     db = args.db if args.db is not None else _default_db()
     cfg = ServerConfig(
         model=args.model, dtype=args.dtype, method=args.method, knobs=knobs, api_key=args.api_key or None,
