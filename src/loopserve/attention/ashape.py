@@ -23,12 +23,7 @@ from .base import PrefillMethod, register_prefill
 from .dense import dense_attention
 from .lines import a_shape_pattern, pattern_density
 from .sparse import sparse_prefill_attention
-
-
-def _check_int(obj, knob: str, low: int) -> None:
-    v = getattr(obj, knob)
-    if not isinstance(v, int) or isinstance(v, bool) or v < low:
-        raise ValueError(f"invalid knob {knob}={v!r}: must be an integer >= {low}")
+from ..knobs import check_int_knob as _check_int
 
 
 def a_shape_attention(q, k, v, *, sinks: int, local: int, scaling: float):

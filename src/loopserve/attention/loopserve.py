@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..knobs import check_int_knob
 from .base import PrefillMethod, register_prefill
 from .dense import dense_attention
 from .lines import attention_recall, pattern_density, select_lines
@@ -41,9 +42,7 @@ class LoopServePrefill(PrefillMethod):
         if not isinstance(self.alpha, (int, float)) or not (0.0 < float(self.alpha) <= 1.0):
             raise ValueError(f"invalid knob alpha={self.alpha!r}: must be in (0, 1]")
         for knob in ("probe", "sinks", "local", "min_keys", "min_new", "seed", "recall_rows"):
-            v = getattr(self, knob)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"invalid knob {knob}={v!r}: must be an integer >= 0")
+            check_int_knob(self, knob, 0)
 
     def attend(self, q, k, v, *, layer_idx, scaling, ctx):
         n, N = q.shape[-2], k.shape[-2]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .ashape import _check_int
+from ..knobs import check_int_knob as _check_int
 from .base import PrefillMethod, register_prefill
 from .dense import dense_attention
 from .lines import LinePattern, lines_from_topk, pattern_density

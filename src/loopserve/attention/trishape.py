@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .ashape import _check_int, a_shape_attention
+from ..knobs import check_int_knob as _check_int
+from .ashape import a_shape_attention
 from .base import PrefillMethod, register_prefill
 from .dense import dense_attention
 

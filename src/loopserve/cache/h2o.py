@@ -30,6 +30,7 @@ from typing import ClassVar
 
 import torch
 
+from ..knobs import check_int_knob
 from .base import DecodeMethod, register_decode
 from .scoring import attention_scores, topk_with_forced
 
@@ -51,9 +52,7 @@ class H2O(DecodeMethod):
 
     def validate(self) -> None:
         for knob, low in (("budget", 1), ("recent", 0), ("prefill_rows", 0)):
-            v = getattr(self, knob)
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise ValueError(f"invalid knob {knob}={v!r}: must be an integer >= {low}")
+            check_int_knob(self, knob, low)
         if self.recent > self.budget:
             raise ValueError(f"invalid knob recent={self.recent}: must not exceed budget={self.budget}")
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..knobs import check_int_knob
 from .base import DecodeMethod, register_decode
 from .scoring import attention_scores, max_pool, topk_with_forced
 
@@ -55,13 +56,9 @@ class LoopServeDecode(DecodeMethod):
 
     def validate(self) -> None:
         for knob in ("n_d", "budget", "memory_budget"):
-            v = getattr(self, knob)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"invalid knob {knob}={v!r}: must be an integer >= 1")
+            check_int_knob(self, knob, 1)
         for knob in ("sinks", "recent", "pool", "seed"):
-            v = getattr(self, knob)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"invalid knob {knob}={v!r}: must be an integer >= 0")
+            check_int_knob(self, knob, 0)
         if self.mode not in ("lossless", "bounded"):
             raise ValueError(f"invalid knob mode={self.mode!r}: must be 'lossless' or 'bounded'")
         if self.mode == "bounded" and self.memory_budget <= self.sinks + self.recent:

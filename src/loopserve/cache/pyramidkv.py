@@ -22,7 +22,8 @@ import math
 from dataclasses import dataclass
 
 from .base import register_decode
-from .snapkv import SnapKV, _check_int
+from ..knobs import check_int_knob as _check_int
+from .snapkv import SnapKV
 
 
 def pyramid_budgets(budget: int, window: int, num_layers: int, n_input: int, beta: int) -> list[int]:

@@ -30,13 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from .base import DecodeMethod, register_decode
+from ..knobs import check_int_knob as _check_int
 from .scoring import attention_scores, max_pool
-
-
-def _check_int(obj, knob: str, low: int) -> None:
-    v = getattr(obj, knob)
-    if not isinstance(v, int) or isinstance(v, bool) or v < low:
-        raise ValueError(f"invalid knob {knob}={v!r}: must be an integer >= {low}")
 
 
 def observation_scores(q: torch.Tensor, layer, ctx, window: int, pool: int) -> tuple[torch.Tensor, int]:

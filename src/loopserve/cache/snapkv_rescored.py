@@ -25,7 +25,8 @@ import torch
 
 from .base import register_decode
 from .scoring import attention_scores, max_pool
-from .snapkv import SnapKV, _check_int
+from ..knobs import check_int_knob as _check_int
+from .snapkv import SnapKV
 
 
 @register_decode

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..knobs import check_int_knob
 from .base import DecodeMethod, register_decode
 
 
@@ -37,9 +38,7 @@ class StreamingLLM(DecodeMethod):
 
     def validate(self) -> None:
         for knob, low in (("sinks", 0), ("window", 1)):
-            v = getattr(self, knob)
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                raise ValueError(f"invalid knob {knob}={v!r}: must be an integer >= {low}")
+            check_int_knob(self, knob, low)
 
     @property
     def capacity(self) -> int:
