@@ -25,7 +25,7 @@ import torch
 
 from ..knobs import check_int_knob
 from .base import DecodeMethod, register_decode
-from .scoring import attention_scores, max_pool, topk_with_forced
+from .scoring import QueryBuffer, attention_scores, max_pool, topk_with_forced
 
 
 def probe_rows(n: int, seed: int, min_probe: int = 64, frac: float = 0.02, n_last: int = 8) -> torch.Tensor:
@@ -90,7 +90,7 @@ class LoopServeDecode(DecodeMethod):
     # -- hooks ---------------------------------------------------------------------------
     def begin_turn(self, ctx) -> None:
         super().begin_turn(ctx)
-        self._buffers = [[] for _ in range(ctx.num_layers)]
+        self._buffers = QueryBuffer(ctx.num_layers, self.n_d)
         self._turn_scores = [None] * ctx.num_layers
 
     def observe_prefill(self, ctx, layer_idx, q, k) -> None:
@@ -108,12 +108,9 @@ class LoopServeDecode(DecodeMethod):
         self._select(ctx, layer, scores, n_in)
 
     def observe_decode(self, ctx, layer_idx, q, layer) -> None:
-        buf = self._buffers[layer_idx]
-        buf.append(q)
-        if len(buf) < self.n_d:
+        queries = self._buffers.push(layer_idx, q)
+        if queries is None:
             return
-        queries = torch.cat(buf, dim=2)
-        buf.clear()
         n_in = self._input_count(layer, ctx)
         if not self._needs_selection(n_in):
             return
@@ -142,9 +139,9 @@ class LoopServeDecode(DecodeMethod):
             acc = self._turn_scores[layer_idx]
             if acc is not None:
                 scores[:, : acc.shape[1]] += acc
-            buf = self._buffers[layer_idx]
-            if buf:  # the latest generated queries also vote, over every resident token
-                scores += attention_scores(torch.cat(buf, dim=2), layer.keys, ctx.scaling)
+            latest = self._buffers.pending(layer_idx)
+            if latest is not None:  # the latest generated queries also vote, over every resident token
+                scores += attention_scores(latest, layer.keys, ctx.scaling)
             forced = torch.zeros(n, dtype=torch.bool)
             forced[: self.sinks] = True
             forced[-self.recent :] = True if self.recent else False

@@ -54,3 +54,29 @@ def topk_with_forced(scores: torch.Tensor, budget: int, forced: torch.Tensor) ->
     ranked = scores.float().masked_fill(forced, float("inf"))
     idx = ranked.topk(min(n_forced + take, n), dim=1).indices
     return idx.sort(dim=1).values
+
+
+class QueryBuffer:
+    """Post-RoPE queries of the latest generated tokens, per layer, released every `every` steps.
+
+    Shared by the methods that re-score keys from what the model is generating (LoopServe
+    Phase 2, SnapKV re-scored)."""
+
+    def __init__(self, num_layers: int, every: int):
+        self.every = every
+        self._rows: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+
+    def push(self, layer_idx: int, q: torch.Tensor) -> torch.Tensor | None:
+        """Add q (1, H, 1, D); every `every`-th call returns the buffered (1, H, every, D) and empties it."""
+        rows = self._rows[layer_idx]
+        rows.append(q)
+        if len(rows) < self.every:
+            return None
+        out = torch.cat(rows, dim=2)
+        rows.clear()
+        return out
+
+    def pending(self, layer_idx: int) -> torch.Tensor | None:
+        """The queries buffered since the last release, or None."""
+        rows = self._rows[layer_idx]
+        return torch.cat(rows, dim=2) if rows else None

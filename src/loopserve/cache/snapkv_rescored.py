@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import register_decode
-from .scoring import attention_scores, max_pool
+from .scoring import QueryBuffer, attention_scores, max_pool
 from ..knobs import check_int_knob as _check_int
 from .snapkv import SnapKV
 
@@ -46,22 +46,19 @@ class SnapKVRescored(SnapKV):
 
     def __post_init__(self):
         self.reselections = 0  # decode-time re-selections, summed over layers (tests, stats)
-        self._buffers: list[list[torch.Tensor]] = []
+        self._buffers: QueryBuffer | None = None
 
     def apply(self, layer, keep: torch.Tensor) -> None:
         layer.set_view(keep)  # lossless: the store keeps every token
 
     def begin_turn(self, ctx) -> None:
         super().begin_turn(ctx)
-        self._buffers = [[] for _ in range(ctx.num_layers)]
+        self._buffers = QueryBuffer(ctx.num_layers, self.every)
 
     def observe_decode(self, ctx, layer_idx, q, layer) -> None:
-        buf = self._buffers[layer_idx]
-        buf.append(q)
-        if len(buf) < self.every:
+        queries = self._buffers.push(layer_idx, q)
+        if queries is None:
             return
-        queries = torch.cat(buf, dim=2)
-        buf.clear()
         n_in = int((layer.positions[0] < ctx.input_end).sum())  # store == positions (lossless)
         if n_in <= self.budget:
             return
