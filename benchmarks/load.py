@@ -10,6 +10,8 @@ as a table on stderr and a JSON object on stdout (or --json PATH).
     python benchmarks/load.py --base-url http://127.0.0.1:8000/v1 --sessions 4 --turns 3
     # or let the script start one (and stop it afterwards)
     python benchmarks/load.py --spawn --model smollm2 --method loopserve --sessions 4 --turns 3
+    # ... or a Ray Serve deployment with N engine replicas (needs Redis: scripts/redis.sh start)
+    python benchmarks/load.py --spawn --ray --replicas 2 --store redis://127.0.0.1:6379/0 --sessions 6
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ async def run_session(client, model: str, sid: int, args, text: str, results: li
             stream = await client.chat.completions.create(
                 model=model, messages=messages, stream=True, stream_options={"include_usage": True},
                 max_tokens=args.max_tokens, temperature=args.temperature,
+                extra_body={"ignore_eos": True} if args.ignore_eos else None,
             )
             usage = None
             async for chunk in stream:
@@ -130,6 +133,7 @@ async def run_load(args) -> dict:
     return {
         "benchmark": "server-load",
         "model": model,
+        "ray_replicas": args.replicas if args.ray else None,
         "sessions": args.sessions,
         "turns": args.turns,
         "max_tokens": args.max_tokens,
@@ -180,9 +184,11 @@ def _free_port() -> int:
 
 def spawn_server(args):
     port = _free_port()
-    db = Path(tempfile.mkdtemp(prefix="loopserve-load-")) / "conversations.sqlite"
+    db = args.store or str(Path(tempfile.mkdtemp(prefix="loopserve-load-")) / "conversations.sqlite")
     cmd = [sys.executable, "-m", "loopserve.server", "--model", args.model, "--method", args.method, "--host", "127.0.0.1",
            "--port", str(port), "--db", str(db), "--log-level", "warning", "--max-queue", str(max(16, args.sessions * 2))]
+    if args.ray:
+        cmd += ["--ray", "--replicas", str(args.replicas), "--replica-cpus", str(args.replica_cpus)]
     for k in args.knob or []:
         cmd += ["--knob", k]
     if args.api_key:
@@ -223,6 +229,11 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2", help="with --spawn")
     ap.add_argument("--method", default="loopserve", help="with --spawn")
     ap.add_argument("--knob", action="append", help="with --spawn: server knob NAME=VALUE")
+    ap.add_argument("--store", default=None, help="with --spawn: conversation store (SQLite path or redis:// URL)")
+    ap.add_argument("--ray", action="store_true", help="with --spawn: a Ray Serve deployment (needs --store redis://...)")
+    ap.add_argument("--replicas", type=int, default=2, help="with --spawn --ray: engine replicas")
+    ap.add_argument("--replica-cpus", type=float, default=1.0, help="with --spawn --ray: CPUs (torch threads) per replica")
+    ap.add_argument("--ignore-eos", action="store_true", help="every answer is exactly --max-tokens long (fair throughput)")
     args = ap.parse_args(argv)
     proc = None
     if args.spawn:

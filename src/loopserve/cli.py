@@ -136,7 +136,8 @@ def cmd_bench_kv_reuse(args) -> int:
 def cmd_bench_decode(args) -> int:
     from .bench.decode import run_decode
 
-    r = run_decode(_engine(args), args.context, budget=args.budget, tokens=args.tokens, runs=args.runs, n_d=args.n_d, progress=_progress("decode"))
+    r = run_decode(_engine(args), args.context, budget=args.budget, tokens=args.tokens, runs=args.runs, n_d=args.n_d,
+                   new_tokens=args.new_tokens, progress=_progress("decode"))
     _emit(r, args.json)
     return 0
 
@@ -205,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=8000)
     p.add_argument("--budget", type=int, default=1024)
     p.add_argument("--n-d", type=int, default=16)
-    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=64, help="tokens decoded per run")
+    p.add_argument("--new-tokens", type=int, default=32, help="prompt tokens prefilled as the new turn (the rest is cached history)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     p.set_defaults(func=cmd_bench_decode)

@@ -147,6 +147,18 @@ def test_top_k_one_equals_greedy(tiny_models):
     assert greedy == topk1
 
 
+def test_ignore_eos_decodes_past_end_of_sequence(tiny_models):
+    engine = Engine(tiny_models["tiny-llama"])
+    first = engine.new_session().chat("hi", SamplingParams(max_new_tokens=6)).token_ids
+    engine.eos_ids = set(engine.eos_ids) | {first[0]}  # the very first token now ends the answer
+    stopped = engine.new_session().chat("hi", SamplingParams(max_new_tokens=6))
+    assert stopped.token_ids == [] and stopped.stats.finish_reason == "stop"
+    full = engine.new_session().chat("hi", SamplingParams(max_new_tokens=6, ignore_eos=True))
+    assert full.token_ids == first and full.stats.finish_reason == "length"
+    with pytest.raises(ValueError, match="ignore_eos"):
+        SamplingParams(ignore_eos="yes").validate()
+
+
 def test_stream_deltas_concatenate_to_text_and_stop_strings_cut(default_model):
     engine = Engine(default_model)
     session = engine.new_session()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -10,6 +11,12 @@ import httpx
 import pytest
 
 TINY = "tiny-llama"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class LiveServer:
@@ -75,3 +82,78 @@ def server(tmp_path_factory):
     s = make_server(tmp_path_factory, max_queue=8, max_active=2, max_body_bytes=256 * 1024)
     yield s
     s.stop()
+
+
+# -- a private Redis server (the shared store of the Ray Serve deployment) ---------------------
+class RedisServer:
+    """redis-server on 127.0.0.1 (a free port) with its data in a temp dir; stop()/start()
+    keep the data (append-only file), as a restart of the store would."""
+
+    def __init__(self, data_dir):
+        import shutil
+
+        self.binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
+        self.dir = str(data_dir)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = None
+
+    def start(self) -> "RedisServer":
+        import subprocess
+
+        import redis
+
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir, "--appendonly", "yes",
+             "--appendfsync", "always", "--save", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.time() + 20
+        while True:
+            try:
+                if client.ping():
+                    return self
+            except redis.exceptions.RedisError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()  # SIGTERM: redis flushes the append-only file and exits
+            self.proc.wait(15)
+            self.proc = None
+
+
+def need_redis_binary(server: RedisServer) -> None:
+    if server.binary is None:
+        msg = "redis-server is not installed: run scripts/redis.sh install"
+        if os.environ.get("CI"):
+            pytest.fail(msg)  # CI installs it (.ci/run): never skip there
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    srv = RedisServer(tmp_path_factory.mktemp("redis"))
+    need_redis_binary(srv)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def make_redis(tmp_path):
+    """A factory of private Redis servers (not started) that the test stops and restarts."""
+    made = []
+
+    def make() -> RedisServer:
+        srv = RedisServer(tmp_path / f"redis{len(made)}")
+        os.makedirs(srv.dir, exist_ok=True)
+        need_redis_binary(srv)
+        made.append(srv)
+        return srv
+
+    yield make
+    for srv in made:
+        srv.stop()

@@ -8,7 +8,7 @@ import pytest
 
 from loopserve.engine import Engine, SamplingParams
 from loopserve.server.sessions import PromptBuilder, SessionPool, common_prefix, kv_bytes
-from loopserve.server.store import ConversationStore, ids_hash
+from loopserve.server.store import ConversationStore, StoreUnavailable, ids_hash, open_store
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +29,25 @@ def test_common_prefix():
         assert common_prefix(a, b) == want == common_prefix(b, a)
 
 
-def test_store_roundtrip(tmp_path):
-    path = tmp_path / "c.sqlite"
-    st = ConversationStore(path)
+@pytest.fixture(params=["sqlite", "redis"])
+def reopenable_store(request, tmp_path):
+    """A factory that opens the same store again (a restart of the server process)."""
+    if request.param == "sqlite":
+        path = tmp_path / "c.sqlite"
+        return lambda: open_store(path)
+    srv = request.getfixturevalue("redis_server")
+    from redis import Redis
+
+    Redis.from_url(srv.url).flushdb()
+    return lambda: open_store(srv.url)
+
+
+def test_store_roundtrip(reopenable_store):
+    st = reopenable_store()
     st.save_turn("c1", model="m", method="dense", knobs={}, messages=[{"role": "user", "content": "q"}],
                  prompt_ids=[1, 2, 3], answer_text="ans", answer_ids=[7, 8])
     st.close()
-    st = ConversationStore(path)  # reopened: persisted
+    st = reopenable_store()  # reopened: persisted
     rec = st.find_answer("m", ids_hash([1, 2, 3]), "ans")
     assert rec.token_ids == [7, 8] and rec.exact and rec.conversation_id == "c1"
     rec = st.find_answer("m", ids_hash([9]), "ans")  # other prompt: found by text only
@@ -43,9 +55,28 @@ def test_store_roundtrip(tmp_path):
     assert st.find_answer("other-model", ids_hash([1, 2, 3]), "ans") is None
     conv = st.get_conversation("c1")
     assert conv["token_ids"] == [1, 2, 3, 7, 8] and conv["turns"] == 1
+    assert conv["messages"] == [{"role": "user", "content": "q"}] and conv["model"] == "m"
     st.save_turn("c1", model="m", method="dense", knobs={}, messages=[], prompt_ids=[1], answer_text="x", answer_ids=None)
     assert st.get_conversation("c1")["turns"] == 2
+    assert st.get_conversation("nope") is None
     assert st.count() == {"conversations": 1, "answers": 1}
+
+
+def test_redis_store_survives_a_restart_and_reports_outages(make_redis):
+    srv = make_redis().start()
+    st = open_store(srv.url)
+    st.save_turn("c1", model="m", method="dense", knobs={}, messages=[], prompt_ids=[1, 2], answer_text="a", answer_ids=[5])
+    srv.stop()
+    with pytest.raises(StoreUnavailable, match="unavailable"):
+        st.find_answer("m", ids_hash([1, 2]), "a")
+    srv.start()  # same data dir: the append-only file brings the turn back
+    assert st.find_answer("m", ids_hash([1, 2]), "a").token_ids == [5]
+    srv.stop()
+
+
+def test_open_store_rejects_unknown_urls():
+    with pytest.raises(ValueError, match="unknown store URL"):
+        open_store("postgres://x/y")
 
 
 def _generate(session, prompt, n=16):

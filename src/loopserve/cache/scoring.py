@@ -22,8 +22,9 @@ def attention_scores(
     _, h, w, d = q.shape
     h_kv, n = k.shape[1], k.shape[2]
     g = h // h_kv
-    qf = q[0].float().reshape(h_kv, g * w, d)
-    logits = torch.matmul(qf, k[0].float().transpose(-1, -2)) * scaling  # (H_kv, g*w, N)
+    # Scale the (few) queries rather than the (many) logits: one pass less over (H_kv, g*w, N).
+    qf = (q[0].float() * scaling).reshape(h_kv, g * w, d)
+    logits = torch.matmul(qf, k[0].float().transpose(-1, -2))  # (H_kv, g*w, N)
     if q_pos is not None and k_pos is not None:
         rows = q_pos.repeat(g).view(1, g * w, 1)
         cols = k_pos.view(-1, 1, n) if k_pos.dim() == 2 else k_pos.view(1, 1, n)

@@ -23,6 +23,9 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # Decode past end-of-sequence tokens up to max_new_tokens (fixed-length answers for
+    # load tests and benchmarks; vLLM's `ignore_eos`).
+    ignore_eos: bool = False
 
     def validate(self) -> "SamplingParams":
         def bad(name, why):
@@ -38,6 +41,8 @@ class SamplingParams:
             bad("top_k", "must be an integer >= 0 (0 disables it)")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             bad("seed", "must be an integer or None")
+        if not isinstance(self.ignore_eos, bool):
+            bad("ignore_eos", "must be a boolean")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):

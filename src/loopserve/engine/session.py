@@ -242,7 +242,7 @@ class TurnStream:
             hold = max((len(x) for x in params.stop), default=1) - 1
             t_dec = time.perf_counter()
             while True:
-                if tok in eng.eos_ids:
+                if tok in eng.eos_ids and not params.ignore_eos:
                     finish = "stop"
                     break
                 generated.append(tok)

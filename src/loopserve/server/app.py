@@ -32,7 +32,7 @@ from ..engine.registry import resolve_method
 from ..engine.sampling import SamplingParams
 from ..engine.session import Engine
 from .sessions import Job, PromptBuilder, SessionPool, Worker, kv_bytes
-from .store import ConversationStore
+from .store import StoreUnavailable, open_store
 
 log = logging.getLogger("loopserve.server")
 
@@ -53,7 +53,9 @@ class ServerConfig:
     method: str = "loopserve"
     knobs: dict = field(default_factory=dict)
     api_key: str | None = None
-    db_path: str | None = None  # SQLite file; None keeps conversations in memory only
+    # Conversation store: a SQLite file, or a redis:// URL (the shared store of a Ray Serve
+    # deployment, see ray_app.py); None keeps conversations in memory only.
+    db_path: str | None = None
     kv_budget_bytes: int = 1 << 30  # KV bytes of all live sessions before LRU eviction
     max_queue: int = 16  # requests waiting + running; more get 429
     max_active: int = 4  # requests decoded round-robin at once (the rest wait in order)
@@ -351,8 +353,11 @@ def parse_chat_request(payload, cfg: ServerConfig, method: str, base_knobs: dict
     if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
         raise _bad("Only response_format {\"type\": \"text\"} is supported.", "response_format", "unsupported_value")
 
+    ignore_eos = payload.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _bad(f"Invalid value for 'ignore_eos': {ignore_eos!r}; expected a boolean.", "ignore_eos", "invalid_type")
     sampling = SamplingParams(max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                              top_k=top_k, seed=seed, stop=list(stop))
+                              top_k=top_k, seed=seed, stop=list(stop), ignore_eos=ignore_eos)
     try:
         sampling.validate()
     except ValueError as e:
@@ -428,7 +433,7 @@ class ServerState:
         self.model_aliases = {a for a in aliases if a}
         self.created = int(time.time())
         self.metrics = Metrics()
-        self.store = ConversationStore(cfg.db_path)
+        self.store = open_store(cfg.db_path)
         self.builder = PromptBuilder(engine.tokenizer, self.store, self.model_id)
         self.pool = SessionPool(engine, cfg.kv_budget_bytes, method=self.method, knobs=self.knobs)
         self.worker = Worker(self.pool, self.store, self.model_id, metrics=self.metrics, max_active=cfg.max_active)
@@ -514,6 +519,12 @@ def create_app(engine_or_config: Engine | ServerConfig | str, config: ServerConf
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):  # pragma: no cover - no pydantic bodies
         return _bad(str(exc), None).response()
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_down(request: Request, exc: StoreUnavailable):
+        log.warning("%s", exc)
+        return APIError(503, f"The conversation store is unavailable; retry shortly. ({exc})", type="server_error",
+                        code="store_unavailable", headers={"Retry-After": "1"}).response()
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):

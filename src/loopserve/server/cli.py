@@ -26,9 +26,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("LOOPSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $LOOPSERVE_API_KEY, else no auth)")
-    p.add_argument("--db", default=None,
-                   help="SQLite file for conversations (default: $LOOPSERVE_CACHE/server/conversations.sqlite; "
-                        "':memory:' keeps nothing across restarts)")
+    p.add_argument("--db", "--store", dest="db", default=None,
+                   help="conversation store: a SQLite file (default: $LOOPSERVE_CACHE/server/conversations.sqlite; "
+                        "':memory:' keeps nothing across restarts) or redis://HOST:PORT/DB (the shared store; "
+                        "default with --ray: redis://127.0.0.1:6379/0)")
     p.add_argument("--kv-budget-mb", type=float, default=1024.0, help="KV memory of all live sessions before LRU eviction")
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting + running before 429")
     p.add_argument("--max-active", type=int, default=4, help="requests decoded round-robin at once")
@@ -36,8 +37,28 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request sets none")
     p.add_argument("--default-temperature", type=float, default=1.0, help="temperature when a request sets none (OpenAI: 1)")
     p.add_argument("--served-model-name", default=None, help="model id reported by /v1/models (default: the model's name)")
+    g = p.add_argument_group("scale-out on Ray Serve (docs/scale-out.md)")
+    g.add_argument("--ray", action="store_true", help="serve as a Ray Serve application: one ingress + N engine replicas")
+    g.add_argument("--replicas", type=int, default=2, help="engine replicas (with --ray)")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster to join: auto (the cluster this node belongs to) or ray://HOST:PORT; "
+                        "default: start a local Ray instance on this machine")
+    g.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per engine replica (torch threads)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
+
+
+def server_config(args, knobs: dict, db_path: str | None):
+    """The ServerConfig the `serve` options describe (single node and every Ray replica)."""
+    from .app import ServerConfig
+
+    return ServerConfig(
+        model=args.model, dtype=args.dtype, method=args.method, knobs=knobs, api_key=args.api_key or None,
+        db_path=db_path, kv_budget_bytes=int(args.kv_budget_mb * (1 << 20)), max_queue=args.max_queue,
+        max_active=args.max_active, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        default_max_tokens=args.default_max_tokens, default_temperature=args.default_temperature,
+        served_model_name=args.served_model_name,
+    )
 
 
 def cmd_serve(args) -> int:
@@ -47,20 +68,16 @@ def cmd_serve(args) -> int:
 
     from ..engine import Engine
     from ..models import load_model
-    from .app import ServerConfig, create_app
+    from .app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ..engine.registry import parse_knobs
 
     knobs = parse_knobs(args.knob)
+    if args.ray:
+        return cmd_serve_ray(args, knobs)
     db = args.db if args.db is not None else _default_db()
-    cfg = ServerConfig(
-        model=args.model, dtype=args.dtype, method=args.method, knobs=knobs, api_key=args.api_key or None,
-        db_path=None if db == ":memory:" else db, kv_budget_bytes=int(args.kv_budget_mb * (1 << 20)),
-        max_queue=args.max_queue, max_active=args.max_active, max_body_bytes=int(args.max_body_mb * (1 << 20)),
-        default_max_tokens=args.default_max_tokens, default_temperature=args.default_temperature,
-        served_model_name=args.served_model_name,
-    )
+    cfg = server_config(args, knobs, None if db == ":memory:" else db)
     engine = Engine(load_model(args.model, dtype=args.dtype), method=args.method, knobs=knobs)
     app = create_app(engine, cfg)
     state = app.state.loopserve
@@ -68,6 +85,47 @@ def cmd_serve(args) -> int:
           f"- db {cfg.db_path or ':memory:'}, KV budget {args.kv_budget_mb:g} MiB, queue {cfg.max_queue}"
           f"{', API key required' if cfg.api_key else ''}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return 0
+
+
+def cmd_serve_ray(args, knobs: dict) -> int:
+    import dataclasses
+    import signal
+    import threading
+
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {args.replicas}")
+    db = args.db or "redis://127.0.0.1:6379/0"
+    cfg = server_config(args, knobs, db)
+    from ..engine.registry import resolve_method
+    from .store import StoreUnavailable, open_store
+
+    resolve_method(args.method, knobs)  # bad method or knobs: fail here, not in every replica
+    store = open_store(db)
+    if not hasattr(store, "ping"):
+        raise ValueError(f"--ray needs the shared redis:// store that every replica reaches, not {db!r}")
+    try:
+        store.ping()  # an unreachable store: fail here, with its address
+    except StoreUnavailable as e:
+        raise ValueError(f"{e} (start one with scripts/redis.sh start)") from None
+    local = args.address in (None, "", "local")
+    os.environ["LOOPSERVE_RAY_LOCAL"] = "1" if local else "0"
+    from . import ray_app
+
+    ray_app.start(dataclasses.asdict(cfg), replicas=args.replicas, address=args.address, host=args.host,
+                  port=args.port, replica_cpus=args.replica_cpus)
+    print(f"loopserve: Ray Serve app {ray_app.APP_NAME!r} with {args.replicas} engine replica(s) of {args.model!r} "
+          f"(method {args.method}) on http://{args.host}:{args.port}/v1 - store {db}", file=sys.stderr, flush=True)
+    if not local:
+        print("loopserve: the application keeps running on the cluster; stop it with `serve shutdown -y`.", file=sys.stderr)
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *a: stop.set())
+    stop.wait()
+    from ray import serve
+
+    serve.shutdown()
     return 0
 
 

@@ -90,6 +90,10 @@ def _answer_key(model: str, prompt_hash: str, content_hash: str) -> str:
     return hashlib.sha256(f"{model}\0{prompt_hash}\0{content_hash}".encode()).hexdigest()
 
 
+class StoreUnavailable(RuntimeError):
+    """The conversation store cannot be reached (answered with 503 + Retry-After)."""
+
+
 @dataclass
 class AnswerRecord:
     token_ids: list[int]
@@ -207,3 +211,21 @@ class ConversationStore:
             c = self._db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
             a = self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
         return {"conversations": c, "answers": a}
+
+
+def open_store(location: str | Path | None):
+    """The conversation store at `location`: a `redis://` / `rediss://` / `unix://` URL gives
+    the shared Redis store (redis_store.py); a file path (or `sqlite:///path`) gives SQLite;
+    None or ":memory:" an in-memory SQLite store (nothing survives a restart)."""
+    if location is None:
+        return ConversationStore(None)
+    loc = str(location)
+    if loc.startswith(("redis://", "rediss://", "unix://")):
+        from .redis_store import RedisConversationStore
+
+        return RedisConversationStore(loc)
+    if loc.startswith("sqlite:///"):
+        loc = loc[len("sqlite:///"):]
+    elif "://" in loc:
+        raise ValueError(f"unknown store URL {loc!r}: use a SQLite file path, sqlite:///PATH or redis://HOST:PORT/DB")
+    return ConversationStore(loc)
