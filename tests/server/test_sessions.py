@@ -194,3 +194,15 @@ def test_pool_lru_eviction_under_budget(engine):
     pool.enforce_budget()
     assert set(pool.sessions) == {got[1].sid, acq.pooled.sid}
     assert pool.evictions == 2
+
+
+def test_store_errors_never_show_the_password():
+    from loopserve.server.store import redact_url
+
+    assert redact_url("redis://:s3cret@host:6380/0") == "redis://:***@host:6380/0"
+    assert redact_url("redis://user:s3cret@host/0") == "redis://user:***@host/0"
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    st = open_store("redis://:s3cret@127.0.0.1:1/0")
+    with pytest.raises(StoreUnavailable) as e:
+        st.get_conversation("c")
+    assert "s3cret" not in str(e.value) and ":***@127.0.0.1:1" in str(e.value)

@@ -98,7 +98,7 @@ def cmd_serve_ray(args, knobs: dict) -> int:
     db = args.db or "redis://127.0.0.1:6379/0"
     cfg = server_config(args, knobs, db)
     from ..engine.registry import resolve_method
-    from .store import StoreUnavailable, open_store
+    from .store import StoreUnavailable, open_store, redact_url
 
     resolve_method(args.method, knobs)  # bad method or knobs: fail here, not in every replica
     store = open_store(db)
@@ -115,7 +115,7 @@ def cmd_serve_ray(args, knobs: dict) -> int:
     ray_app.start(dataclasses.asdict(cfg), replicas=args.replicas, address=args.address, host=args.host,
                   port=args.port, replica_cpus=args.replica_cpus)
     print(f"loopserve: Ray Serve app {ray_app.APP_NAME!r} with {args.replicas} engine replica(s) of {args.model!r} "
-          f"(method {args.method}) on http://{args.host}:{args.port}/v1 - store {db}", file=sys.stderr, flush=True)
+          f"(method {args.method}) on http://{args.host}:{args.port}/v1 - store {redact_url(db)}", file=sys.stderr, flush=True)
     if not local:
         print("loopserve: the application keeps running on the cluster; stop it with `serve shutdown -y`.", file=sys.stderr)
         return 0

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import time
 
-from .store import AnswerRecord, StoreUnavailable, _answer_key, ids_hash, text_hash
+from .store import AnswerRecord, StoreUnavailable, _answer_key, ids_hash, redact_url, text_hash
 
 
 class RedisConversationStore:
@@ -49,7 +49,7 @@ class RedisConversationStore:
         try:
             return fn(*args)
         except self._errors as e:
-            raise StoreUnavailable(f"conversation store {self.url} is unavailable: {e}") from e
+            raise StoreUnavailable(f"conversation store {redact_url(self.url)} is unavailable: {e}") from e
 
     def ping(self) -> bool:
         return bool(self._call(self._r.ping))

@@ -213,6 +213,18 @@ class ConversationStore:
         return {"conversations": c, "answers": a}
 
 
+def redact_url(url: str) -> str:
+    """A store URL fit for logs and error messages: any password replaced by ***."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return parts._replace(netloc=user + host).geturl()
+
+
 def open_store(location: str | Path | None):
     """The conversation store at `location`: a `redis://` / `rediss://` / `unix://` URL gives
     the shared Redis store (redis_store.py); a file path (or `sqlite:///path`) gives SQLite;
