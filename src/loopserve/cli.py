@@ -163,8 +163,13 @@ def cmd_bench_prefill(args) -> int:
 def cmd_bench_fidelity(args) -> int:
     from .bench.fidelity import run_fidelity
 
-    r = run_fidelity(_engine(args), args.method, knobs=_knobs(args.knob), context=args.context, count=args.count,
-                     max_new_tokens=args.max_new_tokens, progress=_progress("fidelity"))
+    from .engine import Engine
+    from .models import load_model
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    engine = Engine(load_model(args.model, dtype=args.dtype), method="dense")  # the methods run per session
+    r = run_fidelity(engine, methods if len(methods) > 1 else methods[0], knobs=_knobs(args.knob), context=args.context,
+                     count=args.count, max_new_tokens=args.max_new_tokens, position=args.position, progress=_progress("fidelity"))
     _emit(r, args.json)
     return 0
 
@@ -230,11 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     p.set_defaults(func=cmd_bench_prefill)
 
-    p = bench.add_parser("fidelity", help="ROUGE-L of a method's greedy answers against dense's, 20 long prompts")
+    p = bench.add_parser("fidelity", help="ROUGE-L of methods' greedy answers against dense's (--method A,B,C), 20 long prompts")
     _model_args(p, method="dense+loopserve")
     p.add_argument("--context", type=int, default=4000)
     p.add_argument("--count", type=int, default=20)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--position", default="back", choices=["back", "front"], help="question after or before the document")
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     p.set_defaults(func=cmd_bench_fidelity)
 

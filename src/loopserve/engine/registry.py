@@ -108,6 +108,13 @@ def _split(name: str) -> tuple[str, str]:
     raise ValueError(f"unknown method {name!r}; known methods: {', '.join(method_names())} (or PREFILL+DECODE)")
 
 
+def method_knobs(name: str) -> set[str]:
+    """The knob names method `name` (or PREFILL+DECODE) accepts."""
+    _load_builtins()
+    p_name, d_name = _split(name)
+    return {f.name for f in dataclasses.fields(PREFILL_METHODS[p_name])} | {f.name for f in dataclasses.fields(DECODE_METHODS[d_name])}
+
+
 def resolve_method(name: str, knobs: dict | None = None) -> BoundMethod:
     """Fresh method instances for one session (methods may keep per-session state)."""
     _load_builtins()
