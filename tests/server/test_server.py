@@ -333,3 +333,23 @@ def test_concurrent_requests_interleave_without_mixing(server):
     alone2 = [run(i)[0] for i in range(3)]
     assert [t for t, _ in together] == alone2
     assert all(cached > 0 for _, cached in together)
+
+
+def test_store_outage_is_a_503_with_retry_after_and_recovers(tmp_path_factory, make_redis):
+    redis = make_redis().start()
+    srv = make_server(tmp_path_factory, db_path=redis.url)
+    try:
+        body = {"model": TINY, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                                            {"role": "user", "content": "again"}], "max_tokens": 4}
+        with srv.http() as c:
+            assert c.post("/v1/chat/completions", json=body).status_code == 200
+            redis.stop()
+            r = c.post("/v1/chat/completions", json=body)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "store_unavailable"
+            redis.start()
+            r = c.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            assert srv.state.store.count()["conversations"] == 2
+    finally:
+        srv.stop()
