@@ -178,6 +178,19 @@ def test_replica_killed_mid_run_conversations_complete_with_single_node_answers(
     codes = [code for run in (first, rest, after) for t in topics for b in run[t] for code in b["_codes"]]
     assert set(codes) == {200}, codes
 
+    # A stream that already started cannot change its status: it ends with an error event.
+    with cluster.http() as c:
+        with c.stream("POST", "/v1/chat/completions", json={
+                "model": MODEL, "messages": probe_msgs, "max_tokens": 3000, "ignore_eos": True, "temperature": 0,
+                "stream": True}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # the stream is running
+            ray_app.kill_replica(r.headers["x-loopserve-replica"])
+            events = [line for line in lines if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and '"replica_unavailable"' in events[-2]
+    ray_app.wait_for_replicas(2)
+
 
 def test_store_and_app_restart_conversations_continue(cluster, reference):
     from ray import serve
