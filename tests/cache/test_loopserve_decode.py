@@ -116,3 +116,18 @@ def test_invalid_knobs_are_rejected(tiny_models, knobs, msg):
     engine = Engine(tiny_models["tiny-llama"])
     with pytest.raises(ValueError, match=msg):
         engine.new_session(method="loopserve", knobs=knobs)
+
+
+def test_first_interval_ablation_knob(tiny_models):
+    engine = Engine(tiny_models["tiny-llama"])
+    dense = engine.new_session().chat(LONG, SamplingParams(max_new_tokens=12)).token_ids
+    s = engine.new_session(method="loopserve", knobs={**SMALL, "first": "dense"})
+    r = s.chat(LONG, SamplingParams(max_new_tokens=12))
+    # Dense until the first re-scoring (end of decode step n_d): the first n_d + 1 tokens are dense's.
+    assert r.token_ids[: SMALL["n_d"] + 1] == dense[: SMALL["n_d"] + 1]
+    for first in ("probe", "window"):
+        s = engine.new_session(method="loopserve", knobs={**SMALL, "first": first})
+        s.chat(LONG, SamplingParams(max_new_tokens=2))  # one decode step: the prefill's selection is active
+        assert all(layer.view_idx is not None for layer in s.cache.layers), first
+    with pytest.raises(ValueError, match="first="):
+        engine.new_session(method="loopserve", knobs={"first": "last"})

@@ -53,12 +53,18 @@ class LoopServeDecode(DecodeMethod):
     mode: str = "lossless"
     memory_budget: int = 4096
     seed: int = 0
+    # The selection before the first n_d generated tokens exist (an ablation knob):
+    # "probe" (SPEC: Phase 1's probe rows spread over the input), "window" (SnapKV's rule:
+    # the last `recent` input rows) or "dense" (no selection until the first re-scoring).
+    first: str = "probe"
 
     def validate(self) -> None:
         for knob in ("n_d", "budget", "memory_budget"):
             check_int_knob(self, knob, 1)
         for knob in ("sinks", "recent", "pool", "seed"):
             check_int_knob(self, knob, 0)
+        if self.first not in ("probe", "window", "dense"):
+            raise ValueError(f"invalid knob first={self.first!r}: must be 'probe', 'window' or 'dense'")
         if self.mode not in ("lossless", "bounded"):
             raise ValueError(f"invalid knob mode={self.mode!r}: must be 'lossless' or 'bounded'")
         if self.mode == "bounded" and self.memory_budget <= self.sinks + self.recent:
@@ -96,11 +102,13 @@ class LoopServeDecode(DecodeMethod):
     def observe_prefill(self, ctx, layer_idx, q, k) -> None:
         layer = ctx.cache.layers[layer_idx]
         n_in = self._input_count(layer, ctx)
-        if not self._needs_selection(n_in) or ctx.q_start + q.shape[-2] < ctx.input_end:
-            return  # short input, or not the final prefill chunk of this turn
+        if not self._needs_selection(n_in) or ctx.q_start + q.shape[-2] < ctx.input_end or self.first == "dense":
+            return  # short input, not the final prefill chunk of this turn, or a dense first interval
         state = ctx.layer_state[layer_idx]
         rows = state.get("probe_rows")
-        if rows is None:
+        if self.first == "window":
+            rows = torch.arange(max(0, q.shape[-2] - max(self.recent, 1)), q.shape[-2])
+        elif rows is None:
             rows = probe_rows(q.shape[-2], self.seed + layer_idx)
         q_pos = ctx.positions(q.shape[-2])[rows]
         scores = attention_scores(q[:, :, rows], k, ctx.scaling, q_pos, layer.positions)
