@@ -136,8 +136,10 @@ def cmd_bench_kv_reuse(args) -> int:
 def cmd_bench_decode(args) -> int:
     from .bench.decode import run_decode
 
+    knobs = _knobs(args.knob)
+    args.knob = None  # the knobs are Phase 2's (passed below), not the engine's default method's
     r = run_decode(_engine(args), args.context, budget=args.budget, tokens=args.tokens, runs=args.runs, n_d=args.n_d,
-                   new_tokens=args.new_tokens, progress=_progress("decode"))
+                   new_tokens=args.new_tokens, knobs=knobs, progress=_progress("decode"))
     _emit(r, args.json)
     return 0
 

@@ -39,7 +39,8 @@ def test_reselection_happens_exactly_every_n_d_tokens(tiny_models):
         before = None if layer.view_idx is None else layer.view_idx.clone()
         real_observe(ctx, layer_idx, q, layer)
         if layer_idx == 0:
-            changed = before is None or layer.view_idx.shape != before.shape or not torch.equal(layer.view_idx, before)
+            after = layer.view_idx
+            changed = after is not None and (before is None or after.shape != before.shape or not torch.equal(after, before))
             views_seen.append(changed)
 
     decode.observe_decode = spy
@@ -131,3 +132,24 @@ def test_first_interval_ablation_knob(tiny_models):
         assert all(layer.view_idx is not None for layer in s.cache.layers), first
     with pytest.raises(ValueError, match="first="):
         engine.new_session(method="loopserve", knobs={"first": "last"})
+
+
+def test_first_rescoring_after_n_first_tokens_then_every_n_d(tiny_models):
+    engine = Engine(tiny_models["tiny-llama"])
+    knobs = {**SMALL, "first": "dense", "n_first": 2}
+    s = engine.new_session(method="loopserve", knobs=knobs)
+    changed_at, step = [], [0]
+    real = s.method.decode.observe_decode
+
+    def spy(ctx, layer_idx, q, layer):
+        before = None if layer.view_idx is None else layer.view_idx.clone()
+        real(ctx, layer_idx, q, layer)
+        if layer_idx == 0:
+            step[0] += 1
+            after = layer.view_idx
+            if after is not None and (before is None or after.shape != before.shape or not torch.equal(after, before)):
+                changed_at.append(step[0])
+
+    s.method.decode.observe_decode = spy
+    s.chat(LONG, SamplingParams(max_new_tokens=12))
+    assert changed_at == [2, 6, 10]  # n_first, then every n_d = 4

@@ -59,7 +59,7 @@ def _decode_runs(engine: Engine, base, prompt: list[int], methods: dict, tokens:
 
 
 def run_decode(engine: Engine, context: int, budget: int = 1024, tokens: int = 64, runs: int = 3, n_d: int = 16,
-               new_tokens: int = 32, progress=None) -> dict:
+               new_tokens: int = 32, knobs: dict | None = None, progress=None) -> dict:
     """Dense vs LoopServe Phase 2 decoding of the same turn.
 
     The cache holds the prompt minus its last `new_tokens` tokens (the conversation so far);
@@ -77,7 +77,7 @@ def run_decode(engine: Engine, context: int, budget: int = 1024, tokens: int = 6
     prompt = long_prompt(engine, context)
     if len(prompt) + tokens >= engine.max_context:
         raise ValueError(f"context {len(prompt)} + {tokens} tokens exceeds the model's {engine.max_context}-token limit")
-    knobs = {"budget": budget, "n_d": n_d}
+    knobs = {**(knobs or {}), "budget": budget, "n_d": n_d}  # other Phase 2 knobs pass through
     method = resolve_method("dense+loopserve", knobs)
     kept = budget + method.decode.sinks + method.decode.recent
     base = _prefilled(engine, prompt[:-new_tokens])
@@ -97,6 +97,7 @@ def run_decode(engine: Engine, context: int, budget: int = 1024, tokens: int = 6
         "context": len(prompt),
         "budget": budget,
         "n_d": n_d,
+        "knobs": knobs,
         "tokens": tokens,
         "new_tokens": new_tokens,
         "runs": runs,

@@ -63,18 +63,22 @@ class QueryBuffer:
     Shared by the methods that re-score keys from what the model is generating (LoopServe
     Phase 2, SnapKV re-scored)."""
 
-    def __init__(self, num_layers: int, every: int):
+    def __init__(self, num_layers: int, every: int, first: int | None = None):
         self.every = every
+        self.first = every if first is None else first  # the first release may come sooner
         self._rows: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self._released = [False] * num_layers
 
     def push(self, layer_idx: int, q: torch.Tensor) -> torch.Tensor | None:
-        """Add q (1, H, 1, D); every `every`-th call returns the buffered (1, H, every, D) and empties it."""
+        """Add q (1, H, 1, D); after `first` calls, then every `every` calls, returns the
+        buffered (1, H, n, D) and empties the buffer."""
         rows = self._rows[layer_idx]
         rows.append(q)
-        if len(rows) < self.every:
+        if len(rows) < (self.every if self._released[layer_idx] else self.first):
             return None
         out = torch.cat(rows, dim=2)
         rows.clear()
+        self._released[layer_idx] = True
         return out
 
     def pending(self, layer_idx: int) -> torch.Tensor | None:
