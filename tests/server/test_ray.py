@@ -76,6 +76,7 @@ def reference(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(redis_server):
+    saved_env = dict(os.environ)  # ray_app sets Ray's environment (loopback, no proxy): undone below
     os.environ["LOOPSERVE_RAY_LOCAL"] = "1"
     from loopserve.server import ray_app
     from loopserve.server.app import ServerConfig
@@ -103,6 +104,8 @@ def cluster(redis_server):
     yield Cluster()
     serve.shutdown()
     ray.shutdown()
+    os.environ.clear()
+    os.environ.update(saved_env)
 
 
 def _metric(text: str, name: str, **labels) -> float:
