@@ -15,6 +15,22 @@ def _layers_view(session):
     return [layer.view_idx for layer in session.cache.layers]
 
 
+def _record_view_changes(session) -> list[bool]:
+    """Per decode step (layer 0): did the step's observe_decode change the active selection?"""
+    changes = []
+    real = session.method.decode.observe_decode
+
+    def spy(ctx, layer_idx, q, layer):
+        before = None if layer.view_idx is None else layer.view_idx.clone()
+        real(ctx, layer_idx, q, layer)
+        if layer_idx == 0:
+            after = layer.view_idx
+            changes.append(after is not None and (before is None or after.shape != before.shape or not torch.equal(after, before)))
+
+    session.method.decode.observe_decode = spy
+    return changes
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_budget_covering_history_decodes_exactly_dense(tiny_models, name):
     engine = Engine(tiny_models[name])
@@ -32,18 +48,7 @@ def test_reselection_happens_exactly_every_n_d_tokens(tiny_models):
     session = engine.new_session(method="loopserve", knobs=SMALL)
     layers = engine.num_layers
     decode = session.method.decode
-    views_seen = []
-    real_observe = decode.observe_decode
-
-    def spy(ctx, layer_idx, q, layer):
-        before = None if layer.view_idx is None else layer.view_idx.clone()
-        real_observe(ctx, layer_idx, q, layer)
-        if layer_idx == 0:
-            after = layer.view_idx
-            changed = after is not None and (before is None or after.shape != before.shape or not torch.equal(after, before))
-            views_seen.append(changed)
-
-    decode.observe_decode = spy
+    views_seen = _record_view_changes(session)
     r = session.chat(LONG, SamplingParams(max_new_tokens=18))
     assert r.stats.finish_reason == "length" and r.stats.new_tokens == 18
     steps = r.stats.new_tokens - 1  # the first token comes from the prefill
@@ -138,18 +143,6 @@ def test_first_rescoring_after_n_first_tokens_then_every_n_d(tiny_models):
     engine = Engine(tiny_models["tiny-llama"])
     knobs = {**SMALL, "first": "dense", "n_first": 2}
     s = engine.new_session(method="loopserve", knobs=knobs)
-    changed_at, step = [], [0]
-    real = s.method.decode.observe_decode
-
-    def spy(ctx, layer_idx, q, layer):
-        before = None if layer.view_idx is None else layer.view_idx.clone()
-        real(ctx, layer_idx, q, layer)
-        if layer_idx == 0:
-            step[0] += 1
-            after = layer.view_idx
-            if after is not None and (before is None or after.shape != before.shape or not torch.equal(after, before)):
-                changed_at.append(step[0])
-
-    s.method.decode.observe_decode = spy
+    changes = _record_view_changes(s)
     s.chat(LONG, SamplingParams(max_new_tokens=12))
-    assert changed_at == [2, 6, 10]  # n_first, then every n_d = 4
+    assert [i + 1 for i, c in enumerate(changes) if c] == [2, 6, 10]  # n_first, then every n_d = 4

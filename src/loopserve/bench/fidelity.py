@@ -48,7 +48,8 @@ def run_fidelity(engine: Engine, method: str | list[str], knobs: dict | None = N
     Each method gets the knobs it declares (e.g. `budget` for every KV method, not dense)."""
     methods = [method] if isinstance(method, str) else list(method)
     knobs = dict(knobs or {})
-    own = {m: {k: v for k, v in knobs.items() if k in method_knobs(m)} for m in methods}
+    accepted = {m: method_knobs(m) for m in methods}
+    own = {m: {k: v for k, v in knobs.items() if k in accepted[m]} for m in methods}
     unused = sorted(set(knobs) - set().union(*(set(k) for k in own.values())))
     if unused:
         raise ValueError(f"knob(s) {unused} apply to none of the methods {methods}")

@@ -108,11 +108,15 @@ def _split(name: str) -> tuple[str, str]:
     raise ValueError(f"unknown method {name!r}; known methods: {', '.join(method_names())} (or PREFILL+DECODE)")
 
 
+def _knob_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
 def method_knobs(name: str) -> set[str]:
     """The knob names method `name` (or PREFILL+DECODE) accepts."""
     _load_builtins()
     p_name, d_name = _split(name)
-    return {f.name for f in dataclasses.fields(PREFILL_METHODS[p_name])} | {f.name for f in dataclasses.fields(DECODE_METHODS[d_name])}
+    return _knob_names(PREFILL_METHODS[p_name]) | _knob_names(DECODE_METHODS[d_name])
 
 
 def resolve_method(name: str, knobs: dict | None = None) -> BoundMethod:
@@ -123,8 +127,7 @@ def resolve_method(name: str, knobs: dict | None = None) -> BoundMethod:
     p_name, d_name = _split(name)
     p_cls, d_cls = PREFILL_METHODS[p_name], DECODE_METHODS[d_name]
     knobs = dict(knobs or {})
-    p_fields = {f.name for f in dataclasses.fields(p_cls)}
-    d_fields = {f.name for f in dataclasses.fields(d_cls)}
+    p_fields, d_fields = _knob_names(p_cls), _knob_names(d_cls)
     unknown = sorted(set(knobs) - p_fields - d_fields)
     if unknown:
         raise ValueError(
