@@ -21,7 +21,11 @@ def test_decode_bench_reports_dense_ours_floor_and_selection(engine):
                 "floor_tpot_ms", "ceiling_speedup", "transformers_dense_tpot_ms"):
         assert key in r
     assert r["dense_tpot_ms"] > 0 and r["loopserve_tpot_ms"] > 0
-    assert r["speedup"] == pytest.approx(r["dense_tpot_ms"] / r["loopserve_tpot_ms"], abs=0.01)
+    # The report rounds every figure to 0.01: the speed-up is computed before rounding, so it may
+    # differ from the ratio of the rounded times by the rounding of all three (propagated).
+    d, ours = r["dense_tpot_ms"], r["loopserve_tpot_ms"]
+    slack = 0.005 + (d / ours) * (0.005 / d + 0.005 / ours) * 1.01
+    assert abs(r["speedup"] - d / ours) <= slack
     # 20 decode steps (the first token comes from the prefill), one re-selection per n_d = 4.
     assert r["reselections_per_layer"] == 5
     # Phase 2 attends to budget + sinks + recent input keys plus what it generated, never more.
