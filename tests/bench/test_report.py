@@ -83,9 +83,24 @@ def test_headline_table_is_method_by_position():
         records.append(rec("loopserve", "nq", pos, 0, 0.5 * i, ttft=1.0))
     table = headline_table(summarize(records))
     lines = table.splitlines()
-    assert lines[0].startswith("| method | front | middle | back | mean | Δ vs dense | fidelity | TTFT | TPOT |")
-    assert lines[2].startswith("| **dense** | 1.000 | 1.000 | 1.000 | 1.000 | ref | ref |")
-    assert lines[3].startswith("| loopserve | 0.000 | 0.500 | 1.000 | 0.500 | -0.500 | 1.000 | 1000 ms (2.00×)")
+    assert lines[0].startswith("| method | front | middle | back | mean | Δ vs dense [95% CI] | fidelity | agree | TTFT | TPOT |")
+    assert lines[2].startswith("| **dense** | 1.000 | 1.000 | 1.000 | 1.000 | ref | ref | ref |")
+    # One conversation: the interval is degenerate; it excludes zero, so the Δ is bold.
+    assert lines[3].startswith("| loopserve | 0.000 | 0.500 | 1.000 | 0.500 | **-0.500 [-0.500, -0.500]** | 1.000 | 1.00 | 1000 ms (2.00×)")
+
+
+def test_source_path_in_the_report_is_relative(tmp_path, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    results = write(tmp_path / "runs" / "r.jsonl", [rec("dense", "nq", "back", 0, 1.0)])
+    monkeypatch.chdir(tmp_path)
+    write_report(results, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["source"] == "runs/r.jsonl"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # outside the working directory: the file name only
+    write_report(results, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "from `r.jsonl`" in md and str(tmp_path) not in md
 
 
 def test_write_report_files(tmp_path):
@@ -100,6 +115,9 @@ def test_write_report_files(tmp_path):
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "### nq (f1, 1 conversation(s))" in md and "### passkey" in md
     assert "| **all** | snapkv | 3 | 0.500 | +0.000 | 1.000 |" in md
+    for section in ("## Quality by position, with 95% intervals", "## Turns that depend on earlier turns",
+                    "## Which datasets carry signal"):
+        assert section in md
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["records"] == len(records) and summary["settings"]["models"] == ["tiny-llama (float32)"]
 

@@ -323,3 +323,35 @@ def test_read_results_drops_only_a_cut_last_line(smoke, tmp_path):
     assert dropped and len(rows) == len(text.splitlines())
     with pytest.raises(BenchError, match=rf":{len(rows) + 1}: invalid JSON"):
         read_results(path)
+
+
+def test_labels_run_several_configurations_of_one_method(data_dir, tmp_path):
+    results = tmp_path / "labels.jsonl"
+    args = run_args(data_dir, results, methods=["dense", "copy=dense", "bounded=loopserve"], datasets=["passkey"],
+                    positions=["back"], extra=("--knob", "bounded:mode=bounded", "--knob", "bounded:memory_budget=64"))
+    assert main(args) == 0
+    recs = records(results)
+    by = {}
+    for r in recs:
+        by.setdefault(r["method"], []).append(r)
+    assert set(by) == {"dense", "copy", "bounded"}
+    assert {r["method_spec"] for r in by["copy"]} == {"dense"} and {r["method_spec"] for r in by["bounded"]} == {"loopserve"}
+    assert all(r["knobs"] == {"mode": "bounded", "memory_budget": 64} for r in by["bounded"])
+    # The label runs its spec: the copy of dense answers exactly as dense does.
+    assert [r["prediction"] for r in by["copy"]] == [r["prediction"] for r in by["dense"]]
+    # Resuming with the same labels runs nothing; a label bound to another spec is refused.
+    assert main(args) == 0 and records(results) == recs
+    changed = run_args(data_dir, results, methods=["dense", "copy=snapkv"], datasets=["passkey"], positions=["back"])
+    assert main(changed) == 2
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("x=nope", "unknown"), ("=dense", "bad method entry"), ("a:b=dense", "bad method entry"),
+])
+def test_bad_method_labels_are_rejected(entry, message):
+    from loopserve.bench.runner import validate_methods
+
+    with pytest.raises(BenchError, match=message):
+        validate_methods(["dense", entry])
+    with pytest.raises(BenchError, match="given twice"):
+        validate_methods(["a=dense", "a=snapkv"])

@@ -27,13 +27,15 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 from .datasets import DATASETS
-from .metrics import rouge_l
+from .metrics import normalize_answer, rouge_l, score as score_answer
 from .runner import BenchError, read_results
 from .schema import POSITIONS
+from .stats import DEFAULT_REPLICATES, Estimate, macro_estimate
 
 __all__ = [
     "PLOTS",
@@ -59,6 +61,17 @@ def load_results(path: str | os.PathLike) -> list[dict]:
         raise BenchError(f"{path}: no records")
     return [rec for _, _, rec in rows]
 
+
+def display_path(path: str | os.PathLike) -> str:
+    """``path`` as the report names it: relative to the working directory (the repository
+    root when run from there), or just the file name when it lies elsewhere; never an
+    absolute machine path."""
+    path = Path(path)
+    try:
+        rel = Path(os.path.relpath(path.resolve(), Path.cwd().resolve()))
+    except ValueError:  # another drive (Windows)
+        return path.name
+    return path.name if rel.parts and rel.parts[0] == ".." else rel.as_posix()
 
 def fidelity(prediction: str, reference: str) -> float:
     """ROUGE-L F of an answer against the reference method's answer (1.0 if both empty)."""
@@ -120,14 +133,127 @@ def _order(values, preferred: Sequence[str]) -> list[str]:
     return head + sorted(present - set(head))
 
 
-def summarize(records: list[dict], reference: str = "dense", source: str = "") -> dict:
-    """Everything the report shows, as plain JSON-able data (written as summary.json)."""
+def agrees(prediction: str, reference: str) -> bool:
+    """Exact agreement of two answers after SQuAD-style normalisation (case, punctuation,
+    articles, whitespace)."""
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+def _est(e: Estimate | None) -> dict | None:
+    return e.as_dict() if e is not None else None
+
+
+def _dependency(r: dict) -> str:
+    return "dependent" if r.get("depends_on") else "independent"
+
+
+def trivial_baseline(records: list[dict]) -> dict:
+    """The best score a content-free answer gets on these turns. Three answerers, each
+    the same for every turn of a conversation and blind to that conversation's golds:
+    the empty answer; the most common gold answer of the *other* conversations (a
+    multiple-choice letter, "yes"); the ten most common words of the other
+    conversations' gold answers (the floor of word-overlap metrics: F1 and ROUGE credit
+    "the of and to" too). A dataset where full attention does not clearly beat the best
+    of them carries no signal on the model at hand."""
+    # One entry per turn: the three question positions of a turn share its gold answers.
+    turns = [r for r in {(r["dataset"], r["conversation"], r["turn"]): r for r in records}.values() if r.get("golds")]
+    by_conv: dict[tuple, list[dict]] = {}
+    for r in turns:
+        by_conv.setdefault((r["dataset"], r["conversation"]), []).append(r)
+
+    def answers_for(conv: tuple) -> dict[str, str]:
+        others = [g for c, rs in by_conv.items() if c != conv for r in rs for g in dict.fromkeys(r["golds"])]
+        words = Counter(w for g in others for w in normalize_answer(g).split())
+        common = Counter(others).most_common(1)
+        return {"empty": "", "most common other gold": common[0][0] if common else "",
+                "common words": " ".join(w for w, _ in words.most_common(10))}
+
+    per_conv = {c: answers_for(c) for c in by_conv}
+    best = {"answerer": "empty", "score": 0.0}
+    for name in ("empty", "most common other gold", "common words"):
+        mean = _mean(score_answer(r["metric"], per_conv[c][name], r["golds"]) for c, rs in by_conv.items() for r in rs)
+        if mean is not None and mean > best["score"]:
+            best = {"answerer": name, "score": mean}
+    return best
+
+
+class _Pairing:
+    """Per-turn values of a method against the reference on the same turn (cached: ROUGE-L
+    is the slow part)."""
+
+    def __init__(self, ref_index: dict | None):
+        self.ref_index = ref_index or {}
+        self._fid: dict = {}
+
+    def ref(self, r: dict) -> dict | None:
+        return self.ref_index.get(_turn_key(r))
+
+    def delta(self, r: dict) -> float | None:
+        d = self.ref(r)
+        return None if d is None else r["score"] - d["score"]
+
+    def fidelity(self, r: dict) -> float | None:
+        d = self.ref(r)
+        if d is None:
+            return None
+        key = (r["method"], _turn_key(r))
+        if key not in self._fid:
+            self._fid[key] = fidelity(r["prediction"], d["prediction"])
+        return self._fid[key]
+
+    def agreement(self, r: dict) -> float | None:
+        d = self.ref(r)
+        return None if d is None else float(agrees(r["prediction"], d["prediction"]))
+
+
+def _intervals(recs: list[dict], pairing: _Pairing, is_ref: bool) -> dict:
+    """Score, and (against the reference) Δ score, fidelity and exact agreement, each as a
+    macro mean with its conversation-bootstrap 95% interval."""
+    out = {"score_ci": _est(macro_estimate(recs, lambda r: r["score"]))}
+    if pairing.ref_index and not is_ref:
+        out["score_delta_ci"] = _est(macro_estimate(recs, pairing.delta))
+        out["fidelity_ci"] = _est(macro_estimate(recs, pairing.fidelity))
+        agreement = macro_estimate(recs, pairing.agreement)
+        out["agreement"] = agreement.mean if agreement else None
+        out["agreement_ci"] = _est(agreement)
+    elif pairing.ref_index and is_ref:
+        out["agreement"] = 1.0
+    return out
+
+
+def _comparisons(records: list[dict], methods: list[str], positions: list[str], focus: list[str]) -> list[dict]:
+    """Each focus method against every other method on the turns both played: the paired
+    score difference (focus minus other) with its 95% interval, per position and overall."""
+    index = {(r["method"], _turn_key(r)): r for r in records}
+    out = []
+    for f in focus:
+        for other in methods:
+            if other == f:
+                continue
+            for pos in positions + [ALL]:
+                recs = [r for r in records if r["method"] == f and (pos == ALL or r["position"] == pos)]
+                e = macro_estimate(recs, lambda r: (r["score"] - index[(other, _turn_key(r))]["score"])
+                                   if (other, _turn_key(r)) in index else None)
+                if e is not None:
+                    out.append({"method": f, "versus": other, "position": pos, **e.as_dict(),
+                                "clear": e.excludes(0.0)})
+    return out
+
+
+def summarize(records: list[dict], reference: str = "dense", source: str = "",
+              focus: Sequence[str] | None = None) -> dict:
+    """Everything the report shows, as plain JSON-able data (written as summary.json).
+
+    ``focus``: the methods compared head to head with every other method (default: those
+    whose name contains ``loopserve``).
+    """
     methods = list(dict.fromkeys(r["method"] for r in records))
     if reference in methods:
         methods = [reference] + [m for m in methods if m != reference]
     datasets = _order((r["dataset"] for r in records), list(DATASETS))
     positions = _order((r["position"] for r in records), list(POSITIONS))
     ref_index = {_turn_key(r): r for r in records if r["method"] == reference} if reference in methods else None
+    pairing = _Pairing(ref_index)
 
     groups: dict[tuple, list[dict]] = {}
     for r in records:
@@ -158,7 +284,30 @@ def summarize(records: list[dict], reference: str = "dense", source: str = "") -
             row["datasets"] = len(per_ds)
             for k in ("score", "score_delta", "fidelity"):
                 row[k] = _mean(c[k] for c in per_ds)
+            row.update(_intervals(recs, pairing, m == reference))
             averages.append(row)
+
+    # Turns that need an earlier turn's context against turns that do not: what
+    # compression carried across turns costs shows up in the first group only.
+    by_dependency = []
+    for dep in ("dependent", "independent"):
+        for pos in positions + [ALL]:
+            for m in methods:
+                recs = [r for r in groups.get((ALL, pos, m), []) if _dependency(r) == dep]
+                if recs:
+                    by_dependency.append({"dependency": dep, "position": pos, "method": m, "turns": len(recs),
+                                          **_intervals(recs, pairing, m == reference)})
+
+    signal = {}
+    for d in datasets:
+        ref_recs = [r for r in records if r["dataset"] == d and r["method"] == (reference if ref_index else methods[0])]
+        trivial = trivial_baseline(ref_recs)
+        e = macro_estimate(ref_recs, lambda r: r["score"])
+        signal[d] = {"trivial_answerer": trivial["answerer"], "trivial_score": trivial["score"],
+                     "method": ref_recs[0]["method"] if ref_recs else None, "score_ci": _est(e),
+                     "signal": bool(e is not None and e.lo > trivial["score"])}
+
+    focus = [m for m in (focus if focus is not None else [m for m in methods if "loopserve" in m]) if m in methods]
 
     settings = {
         "models": sorted({f"{r.get('model', '?')} ({r.get('dtype', '?')})" for r in records}),
@@ -176,7 +325,12 @@ def summarize(records: list[dict], reference: str = "dense", source: str = "") -
         "positions": positions,
         "metrics": {d: sorted({r["metric"] for r in records if r["dataset"] == d}) for d in datasets},
         "settings": settings,
+        "confidence": {"level": 0.95, "method": "conversation-level bootstrap, stratified by dataset, paired on turns",
+                       "replicates": DEFAULT_REPLICATES},
         "averages": averages,
+        "by_dependency": by_dependency,
+        "signal": signal,
+        "comparisons": _comparisons(records, methods, positions, focus),
         "cells": cells,
     }
 
@@ -218,12 +372,20 @@ def _detail_table(rows: list[dict], reference: str | None, first: str) -> list[s
     return out
 
 
+def _ci(e: dict | None, fmt: str = "{:+.3f}") -> str:
+    """``mean [lo, hi]``, bold when the interval excludes zero (a clear difference)."""
+    if not e:
+        return "–"
+    text = f"{fmt.format(e['mean'])} [{fmt.format(e['ci'][0])}, {fmt.format(e['ci'][1])}]"
+    return f"**{text}**" if fmt.startswith("{:+") and (e["ci"][0] > 0 or e["ci"][1] < 0) else text
+
+
 def headline_table(summary: dict) -> str:
     """Method x question position, averaged over datasets: the table for the README."""
     ref = summary["reference"]
     positions = summary["positions"]
     avg = {(r["position"], r["method"]): r for r in summary["averages"]}
-    head = ["method", *positions, "mean", "Δ vs " + (ref or "ref"), "fidelity", "TTFT", "TPOT"]
+    head = ["method", *positions, "mean", "Δ vs " + (ref or "ref") + " [95% CI]", "fidelity", "agree", "TTFT", "TPOT"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for m in summary["methods"]:
         allrow = avg.get((ALL, m))
@@ -240,11 +402,91 @@ def headline_table(summary: dict) -> str:
             f"**{m}**" if is_ref else m,
             *[_f(avg[(p, m)]["score"]) if (p, m) in avg else "–" for p in positions],
             _f(allrow["score"]),
-            _rel(allrow, "score_delta", is_ref, "{:+.3f}"),
+            "ref" if is_ref else _ci(allrow.get("score_delta_ci")),
             _rel(allrow, "fidelity", is_ref, "{:.3f}"),
+            "ref" if is_ref else _f(allrow.get("agreement"), "{:.2f}"),
             lat("ttft_s", "ttft_speedup"), lat("tpot_s", "tpot_speedup"),
         ]) + " |")
     return "\n".join(lines)
+
+
+def position_table(summary: dict) -> list[str]:
+    """Per position: each method's score against the reference's 95% interval, and its
+    paired Δ and fidelity with intervals."""
+    ref = summary["reference"]
+    positions = summary["positions"] + [ALL]
+    avg = {(r["position"], r["method"]): r for r in summary["averages"]}
+    head = ["method", "position", "score [95% CI]", f"inside {ref}'s CI", "Δ score [95% CI]", "fidelity [95% CI]",
+            "agree [95% CI]"]
+    out = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for m in summary["methods"]:
+        for p in positions:
+            row = avg.get((p, m))
+            if row is None:
+                continue
+            refrow = avg.get((p, ref))
+            inside = "–"
+            if m != ref and refrow and refrow.get("score_ci") and row["score"] is not None:
+                lo, hi = refrow["score_ci"]["ci"]
+                inside = "yes" if lo <= row["score"] <= hi else ("above" if row["score"] > hi else "**below**")
+            out.append("| " + " | ".join([
+                m, p if p != ALL else "**all**", _ci(row.get("score_ci"), "{:.3f}"), inside,
+                "ref" if m == ref else _ci(row.get("score_delta_ci")),
+                "ref" if m == ref else _ci(row.get("fidelity_ci"), "{:.3f}"),
+                "ref" if m == ref else _ci(row.get("agreement_ci"), "{:.2f}"),
+            ]) + " |")
+    return out
+
+
+def dependency_table(summary: dict) -> list[str]:
+    """Turns that need an earlier turn's context against those that do not (all positions)."""
+    ref = summary["reference"]
+    rows = {(r["dependency"], r["method"]): r for r in summary["by_dependency"] if r["position"] == ALL}
+    head = ["method", "dependent turns", "score", "Δ [95% CI]", "fidelity", "independent turns", "score",
+            "Δ [95% CI]", "fidelity"]
+    out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for m in summary["methods"]:
+        cols = [m]
+        for dep in ("dependent", "independent"):
+            r = rows.get((dep, m))
+            if r is None:
+                cols += ["0", "–", "–", "–"]
+                continue
+            cols += [str(r["turns"]), _f(r["score_ci"]["mean"] if r.get("score_ci") else None),
+                     "ref" if m == ref else _ci(r.get("score_delta_ci")),
+                     "ref" if m == ref else _f((r.get("fidelity_ci") or {}).get("mean"))]
+        out.append("| " + " | ".join(cols) + " |")
+    return out
+
+
+def comparison_tables(summary: dict) -> list[str]:
+    """Each focus method against every other method: paired score difference per position."""
+    positions = summary["positions"] + [ALL]
+    out: list[str] = []
+    by = {}
+    for c in summary["comparisons"]:
+        by.setdefault(c["method"], {}).setdefault(c["versus"], {})[c["position"]] = c
+    for f, others in by.items():
+        out += [f"### `{f}` minus each other method (paired score difference, 95% CI)", "",
+                "| versus | " + " | ".join(p if p != ALL else "all" for p in positions) + " |",
+                "|---|" + "---:|" * len(positions)]
+        for other, cells in others.items():
+            out.append(f"| {other} | " + " | ".join(_ci(cells.get(p)) for p in positions) + " |")
+        out.append("")
+    return out
+
+
+def signal_table(summary: dict) -> list[str]:
+    """Which datasets carry signal: the reference clearly above a content-free answer."""
+    out = ["| dataset | metric | reference score [95% CI] | best trivial answerer | trivial score | signal |",
+           "|---|---|---:|---|---:|---|"]
+    for d in summary["datasets"]:
+        s = summary["signal"].get(d)
+        if not s:
+            continue
+        out.append(f"| {d} | {'/'.join(summary['metrics'].get(d, []))} | {_ci(s['score_ci'], '{:.3f}')} | "
+                   f"{s['trivial_answerer']} | {s['trivial_score']:.3f} | {'yes' if s['signal'] else '**no**'} |")
+    return out
 
 
 def render_markdown(summary: dict) -> str:
@@ -270,9 +512,11 @@ def render_markdown(summary: dict) -> str:
         headline_table(summary),
         "",
         "How to read: scores are each dataset's metric (0-1), averaged per dataset then over "
-        f"datasets. Δ, fidelity and speedups are relative to `{ref}` on the same turns; fidelity is "
-        f"ROUGE-L of a method's answers against `{ref}`'s answers. TTFT and TPOT are mean milliseconds "
-        f"per turn, with the speedup over `{ref}` in brackets (above 1 is faster)."
+        f"datasets. Δ, fidelity, agreement and speedups are relative to `{ref}` on the same turns; "
+        f"fidelity is ROUGE-L of a method's answers against `{ref}`'s answers, agree the share of "
+        "answers equal to its answer after normalisation. Intervals are 95% bootstrap intervals over "
+        "conversations (stratified by dataset, paired on turns); a Δ in bold excludes zero. TTFT and "
+        f"TPOT are mean milliseconds per turn, with the speedup over `{ref}` in brackets (above 1 is faster)."
         if ref else
         "How to read: scores are each dataset's metric (0-1), averaged per dataset then over datasets. "
         "No dense records, so there are no relative columns.",
@@ -281,6 +525,27 @@ def render_markdown(summary: dict) -> str:
         "",
         "![TTFT and TPOT per method](latency.png)",
         "",
+    ]
+    if ref:
+        lines += [
+            "## Quality by position, with 95% intervals", "",
+            f"`inside {ref}'s CI`: whether the method's mean score lies inside the 95% interval of "
+            f"`{ref}`'s mean score at that position.", "",
+            *position_table(summary), "",
+            "## Turns that depend on earlier turns", "",
+            "A dependent turn asks about the context of an earlier turn (`depends_on`): it is where "
+            "compression carried across turns (evicted or approximated history) shows. Position: all.", "",
+            *dependency_table(summary), "",
+        ]
+    if summary["comparisons"]:
+        lines += ["## Head to head", "", *comparison_tables(summary)]
+    lines += [
+        "## Which datasets carry signal", "",
+        "The trivial score is the best of three content-free answerers on the same turns: the "
+        "empty answer, the most common gold answer of the other conversations, and the ten most common "
+        "words of the other conversations' gold answers. Rows marked **no** are ones where the reference does not "
+        "clearly beat it on this model: differences between methods there are noise.", "",
+        *signal_table(summary), "",
         "## Averages over datasets, per position",
         "",
         *_detail_table([r for r in summary["averages"]], ref, "position"),
@@ -296,7 +561,8 @@ def render_markdown(summary: dict) -> str:
         rows = [c for c in summary["cells"] if c["dataset"] == d]
         metric = "/".join(summary["metrics"].get(d, []))
         convs = max((c["conversations"] for c in rows), default=0)
-        lines += [f"### {d} ({metric}, {convs} conversation(s))", "", *_detail_table(rows, ref, "position"), ""]
+        mark = "" if d not in summary["signal"] else ("" if summary["signal"][d]["signal"] else ", no clear signal")
+        lines += [f"### {d} ({metric}, {convs} conversation(s){mark})", "", *_detail_table(rows, ref, "position"), ""]
     return "\n".join(lines)
 
 
@@ -361,7 +627,7 @@ def write_report(results: str | os.PathLike, out_dir: str | os.PathLike = "docs/
     """
     results = Path(results)
     records = load_results(results)
-    summary = summarize(records, reference=reference, source=str(results))
+    summary = summarize(records, reference=reference, source=display_path(results))
     markdown = render_markdown(summary)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)

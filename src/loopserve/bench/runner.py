@@ -92,6 +92,7 @@ _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "dtype": str,
     "knobs": dict,
     "conv_hash": str,
+    "method_spec": str,
 }
 
 
@@ -124,25 +125,45 @@ def parse_names(value: str | Sequence[str] | None, known: Iterable[str], what: s
     return list(dict.fromkeys(items))
 
 
-def validate_methods(methods: str | Sequence[str]) -> list[str]:
-    """Method names in order (duplicates removed), each checked with ``resolve_method``."""
+def validate_methods(methods: str | Sequence[str]) -> dict[str, str]:
+    """``{label: method spec}`` in order (duplicates removed), each spec checked with
+    ``resolve_method``.
+
+    An entry is a method spec (``loopserve``, ``minference+dense``) used as its own
+    label, or ``LABEL=SPEC``: the same method under another name, so one run can hold
+    several configurations of it (``loopserve-bounded=loopserve`` with
+    ``--knob loopserve-bounded:mode=bounded``). Records carry the label as ``method``.
+    """
     from ..engine import resolve_method
 
     items = methods.split(",") if isinstance(methods, str) else list(methods)
     items = list(dict.fromkeys(x.strip() for x in items if x and x.strip()))
     if not items:
         raise BenchError("no methods given (e.g. --methods dense,loopserve,snapkv)")
-    for name in items:
+    out: dict[str, str] = {}
+    for item in items:
+        label, _, spec = item.partition("=") if "=" in item else (item, "", item)
+        label, spec = label.strip(), spec.strip()
+        if not label or not spec or ":" in label:
+            raise BenchError(f"bad method entry {item!r}: expected METHOD or LABEL=METHOD (label without ':')")
+        if label in out:
+            raise BenchError(f"method label {label!r} is given twice")
         try:
-            resolve_method(name)
+            resolve_method(spec)
         except ValueError as exc:
             raise BenchError(str(exc)) from None
-    return items
+        out[label] = spec
+    return out
 
 
-def resolve_knobs(methods: Sequence[str], knobs: dict[str, Any] | None = None,
+def _specs(methods: Sequence[str] | dict[str, str]) -> dict[str, str]:
+    """Labels -> specs; a plain list of method names labels each by itself."""
+    return dict(methods) if isinstance(methods, dict) else {m: m for m in methods}
+
+
+def resolve_knobs(methods: Sequence[str] | dict[str, str], knobs: dict[str, Any] | None = None,
                   method_knobs: dict[str, dict[str, Any]] | None = None) -> dict[str, dict]:
-    """Per-method knob dicts.
+    """Per-method knob dicts, keyed by label (see :func:`validate_methods`).
 
     ``knobs`` (``--knob NAME=VALUE``) go to every method that declares ``NAME``; a knob
     that no selected method declares is an error. ``method_knobs``
@@ -151,7 +172,9 @@ def resolve_knobs(methods: Sequence[str], knobs: dict[str, Any] | None = None,
     """
     from ..engine import resolve_method
 
-    declared = {m: set(resolve_method(m).knobs()) for m in methods}
+    specs = _specs(methods)
+    methods = list(specs)
+    declared = {m: set(resolve_method(specs[m]).knobs()) for m in methods}
     out: dict[str, dict] = {m: {} for m in methods}
     for name, value in (knobs or {}).items():
         takers = [m for m in methods if name in declared[m]]
@@ -168,7 +191,7 @@ def resolve_knobs(methods: Sequence[str], knobs: dict[str, Any] | None = None,
         out[m].update(extra)
     for m in methods:
         try:
-            resolve_method(m, out[m])
+            resolve_method(specs[m], out[m])
         except ValueError as exc:
             raise BenchError(str(exc)) from None
     return out
@@ -363,13 +386,18 @@ def read_results(path: str | os.PathLike, *, allow_truncated_tail: bool = False)
 class Unit:
     """One (method, conversation, position): a fresh session plays every turn."""
 
-    method: str
+    method: str  # the label records carry
     dataset: str
     conv: dict
     position: str
     knobs: dict
     max_new_tokens: int
     conv_hash: str
+    spec: str = ""  # the method spec the session runs (the label when empty)
+
+    @property
+    def method_spec(self) -> str:
+        return self.spec or self.method
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -405,7 +433,7 @@ class RunPlan:
         return bool(self.drop_units) or self.drop_tail
 
 
-def plan_run(results: str | os.PathLike, conversations: dict[str, list[dict]], methods: Sequence[str],
+def plan_run(results: str | os.PathLike, conversations: dict[str, list[dict]], methods: Sequence[str] | dict[str, str],
              positions: Sequence[str], knobs: dict[str, dict], *, model: str, dtype: str = "float32",
              max_new_tokens: int | None = None) -> RunPlan:
     """Every unit of the run, which are still to do, and what to drop from ``results``.
@@ -423,13 +451,14 @@ def plan_run(results: str | os.PathLike, conversations: dict[str, list[dict]], m
     if results.exists() and not results.is_file():
         raise BenchError(f"{results}: not a regular file")
     units: list[Unit] = []
-    for method in methods:
+    specs = _specs(methods)
+    for method in specs:
         for dataset, convs in conversations.items():
             for conv in convs:
                 budget = conv["max_new_tokens"] if max_new_tokens is None else min(conv["max_new_tokens"], max_new_tokens)
                 h = conv_hash(conv)
                 for pos in positions:
-                    units.append(Unit(method, dataset, conv, pos, dict(knobs.get(method, {})), budget, h))
+                    units.append(Unit(method, dataset, conv, pos, dict(knobs.get(method, {})), budget, h, specs[method]))
     existing: list[tuple[int, str, dict]] = []
     tail = False
     if results.exists():
@@ -444,10 +473,12 @@ def plan_run(results: str | os.PathLike, conversations: dict[str, list[dict]], m
             plan.todo.append(unit)
             continue
         expect = {
-            "model": model, "dtype": dtype, "knobs": unit.knobs,
+            "model": model, "dtype": dtype, "knobs": unit.knobs, "method_spec": unit.method_spec,
             "max_new_tokens": unit.max_new_tokens, "conv_hash": unit.conv_hash, "turns": unit.n_turns,
         }
         for lineno, rec in recs.values():
+            # Records written before labels existed ran the method their label names.
+            rec = {"method_spec": rec["method"], **rec}
             for k, v in expect.items():
                 if rec.get(k) != v:
                     raise BenchError(
@@ -540,6 +571,7 @@ def make_record(unit: Unit, turn: dict, result, bound, *, model: str, dtype: str
     return {
         "schema": RESULT_SCHEMA,
         "method": unit.method,
+        "method_spec": unit.method_spec,
         "dataset": unit.dataset,
         "conversation": unit.conv["id"],
         "position": unit.position,
@@ -593,8 +625,9 @@ def execute(plan: RunPlan, engine, *, progress: bool = True, warmup: bool = True
         return summary
     if warmup:  # first calls pay one-off costs (allocations, kernel selection): keep them off the clock
         for method in dict.fromkeys(u.method for u in plan.todo):
-            knobs = next(u.knobs for u in plan.todo if u.method == method)
-            engine.new_session(method=method, knobs=knobs).chat("Hello, who are you?", SamplingParams(max_new_tokens=2))
+            first = next(u for u in plan.todo if u.method == method)
+            engine.new_session(method=first.method_spec, knobs=first.knobs).chat(
+                "Hello, who are you?", SamplingParams(max_new_tokens=2))
     plan.results.parent.mkdir(parents=True, exist_ok=True)
     bar = None
     if progress:
@@ -609,7 +642,7 @@ def execute(plan: RunPlan, engine, *, progress: bool = True, warmup: bool = True
                     if rb.read(1) != b"\n":  # a complete last record without its newline
                         fh.write("\n")
             for unit in plan.todo:
-                session = engine.new_session(method=unit.method, knobs=unit.knobs)
+                session = engine.new_session(method=unit.method_spec, knobs=unit.knobs)
                 sampling = SamplingParams(max_new_tokens=unit.max_new_tokens)
                 if bar is not None:
                     bar.set_postfix_str(f"{unit.method} {unit.conv['id']} {unit.position}", refresh=False)
