@@ -355,3 +355,21 @@ def test_bad_method_labels_are_rejected(entry, message):
         validate_methods(["dense", entry])
     with pytest.raises(BenchError, match="given twice"):
         validate_methods(["a=dense", "a=snapkv"])
+
+
+def test_a_changed_default_does_not_mix_into_finished_results(data_dir, tmp_path):
+    from loopserve.cache.snapkv import SnapKV
+
+    results = tmp_path / "r.jsonl"
+    args = run_args(data_dir, results, methods=["snapkv"], datasets=["passkey"], positions=["back"])
+    assert main(args) == 0
+    recs = records(results)
+    assert recs[0]["config"]["budget"] == SnapKV.budget and recs[0]["knobs"] == {}
+    # Records made when the default budget was another one (no knob given either time):
+    # the same command refuses to mix them in, and rewrites nothing.
+    for r in recs:
+        r["config"]["budget"] += 1
+    results.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    before = results.read_bytes()
+    assert main(args) == 2
+    assert results.read_bytes() == before

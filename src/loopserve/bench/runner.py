@@ -93,6 +93,7 @@ _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "knobs": dict,
     "conv_hash": str,
     "method_spec": str,
+    "config": dict,
 }
 
 
@@ -442,6 +443,8 @@ def plan_run(results: str | os.PathLike, conversations: dict[str, list[dict]], m
     records produced with another model, dtype, knobs, answer budget or other data
     for a unit of this run raise BenchError: they would mix into the averages.
     """
+    from ..engine import resolve_method
+
     if max_new_tokens is not None and max_new_tokens < 1:
         raise BenchError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     for p in positions:
@@ -474,11 +477,14 @@ def plan_run(results: str | os.PathLike, conversations: dict[str, list[dict]], m
             continue
         expect = {
             "model": model, "dtype": dtype, "knobs": unit.knobs, "method_spec": unit.method_spec,
+            # Every knob's value, defaults included: a changed default must not mix either.
+            "config": json.loads(json.dumps(resolve_method(unit.method_spec, unit.knobs).knobs())),
             "max_new_tokens": unit.max_new_tokens, "conv_hash": unit.conv_hash, "turns": unit.n_turns,
         }
         for lineno, rec in recs.values():
-            # Records written before labels existed ran the method their label names.
-            rec = {"method_spec": rec["method"], **rec}
+            # Records written before labels and configs were recorded: the label names the
+            # method, and the configuration cannot be checked.
+            rec = {"method_spec": rec["method"], "config": expect["config"], **rec}
             for k, v in expect.items():
                 if rec.get(k) != v:
                     raise BenchError(
@@ -600,6 +606,7 @@ def make_record(unit: Unit, turn: dict, result, bound, *, model: str, dtype: str
         "model": model,
         "dtype": dtype,
         "knobs": unit.knobs,
+        "config": bound.knobs(),
         "context_tokens": unit.conv.get("context_tokens"),
         "conv_hash": unit.conv_hash,
         "extra": dict(st.extra or {}),
