@@ -180,6 +180,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_sensitivity(args) -> int:
+    from .sensitivity import write_sensitivity
+
+    try:
+        written = write_sensitivity(args.results, args.out, reference=args.reference)
+    except ValueError as exc:
+        return _err(str(exc))
+    for path in written.values():
+        print(path)
+    return 0
+
+
 # --------------------------------------------------------------------------- parsers
 
 
@@ -205,7 +217,9 @@ def add_bench_commands(bench) -> None:
 
     p = bench.add_parser("run", help="play the benchmark conversations; one JSONL record per turn, resumable")
     _model_args(p)
-    p.add_argument("--methods", default="dense", help="comma-separated methods (default dense)")
+    p.add_argument("--methods", default="dense",
+                   help="comma-separated methods (default dense); LABEL=METHOD runs METHOD under another name, "
+                        "so one run can hold several configurations (a08=loopserve --knob a08:alpha=0.8)")
     p.add_argument("--datasets", default=None, help="comma-separated datasets (default: all)")
     p.add_argument("--positions", default=",".join(("front", "middle", "back")), help="front,middle,back (default all)")
     p.add_argument("--context", type=int, default=None, help="context length of the data (selects/builds the default data folder)")
@@ -217,11 +231,18 @@ def add_bench_commands(bench) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
 
-    p = bench.add_parser("report", help="markdown report, summary.json and plots from a results JSONL")
-    p.add_argument("--results", default="runs/bench/results.jsonl")
+    p = bench.add_parser("report", help="markdown report, summary.json and plots from results JSONL files")
+    p.add_argument("--results", nargs="+", default=["runs/bench/results.jsonl"],
+                   help="one or more results JSONL files (default runs/bench/results.jsonl)")
     p.add_argument("--out", default="docs/results", help="output folder (default docs/results)")
     p.add_argument("--reference", default="dense", help="method the others are compared with (default dense)")
     p.set_defaults(func=cmd_report)
+
+    p = bench.add_parser("sensitivity", help="ablation table and one plot per knob from labelled configurations")
+    p.add_argument("--results", nargs="+", required=True, help="one or more results JSONL files")
+    p.add_argument("--out", default="runs/sensitivity", help="output folder (default runs/sensitivity)")
+    p.add_argument("--reference", default="dense", help="method the others are compared with (default dense)")
+    p.set_defaults(func=cmd_sensitivity)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,6 +40,7 @@ from .stats import DEFAULT_REPLICATES, Estimate, macro_estimate
 __all__ = [
     "PLOTS",
     "fidelity",
+    "load_many",
     "load_results",
     "render_markdown",
     "summarize",
@@ -618,16 +619,36 @@ def _plots(summary: dict, out: Path) -> list[Path]:
     return paths
 
 
-def write_report(results: str | os.PathLike, out_dir: str | os.PathLike = "docs/results",
+def load_many(results: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[dict], str]:
+    """The records of one or more results files, and how the report names them. The same
+    turn of the same method in two files is an error: it would count twice."""
+    paths = [results] if isinstance(results, (str, os.PathLike)) else list(results)
+    if not paths:
+        raise BenchError("no results files given")
+    records: list[dict] = []
+    seen: set[tuple] = set()
+    for path in paths:
+        for r in load_results(path):
+            key = (r["method"], *_turn_key(r))
+            if key in seen:
+                raise BenchError(f"{path}: the record for method={r['method']} dataset={r['dataset']} "
+                                 f"conversation={r['conversation']} position={r['position']} turn={r['turn']} "
+                                 "is also in an earlier results file")
+            seen.add(key)
+            records.append(r)
+    return records, ", ".join(display_path(p) for p in paths)
+
+
+def write_report(results: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike = "docs/results",
                  reference: str = "dense") -> dict[str, Path]:
     """Write ``report.md``, ``summary.json`` and the PNG plots to ``out_dir``.
 
-    Everything is computed and rendered in a temporary folder first, so bad input
-    (a malformed results line) or a failing plot leaves ``out_dir`` as it was.
+    ``results`` is one results file or several (each configuration may run in its own
+    process and file). Everything is computed and rendered in a temporary folder first,
+    so bad input (a malformed results line) or a failing plot leaves ``out_dir`` as it was.
     """
-    results = Path(results)
-    records = load_results(results)
-    summary = summarize(records, reference=reference, source=display_path(results))
+    records, source = load_many(results)
+    summary = summarize(records, reference=reference, source=source)
     markdown = render_markdown(summary)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
