@@ -168,28 +168,27 @@ def cmd_run(args) -> int:
 # --------------------------------------------------------------------------- report
 
 
-def cmd_report(args) -> int:
-    from .report import write_report
-
+def _print_written(write, args) -> int:
+    """Run a report writer; print the files it wrote, or the error."""
     try:
-        written = write_report(args.results, args.out, reference=args.reference)
+        written = write(args.results, args.out, reference=args.reference)
     except ValueError as exc:
         return _err(str(exc))
     for path in written.values():
         print(path)
     return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    return _print_written(write_report, args)
 
 
 def cmd_sensitivity(args) -> int:
     from .sensitivity import write_sensitivity
 
-    try:
-        written = write_sensitivity(args.results, args.out, reference=args.reference)
-    except ValueError as exc:
-        return _err(str(exc))
-    for path in written.values():
-        print(path)
-    return 0
+    return _print_written(write_sensitivity, args)
 
 
 # --------------------------------------------------------------------------- parsers
