@@ -157,3 +157,56 @@ def make_redis(tmp_path):
     yield make
     for srv in made:
         srv.stop()
+
+
+# -- deterministic control of the generation worker ----------------------------------------------
+class StepGate:
+    """Holds the server's worker before a decode step of the chosen requests, so a test
+    knows a stream is still running whatever the machine's speed.
+
+    Wraps `Worker._step` of one live server: a job for which `hold(job)` is true waits
+    before its step until the test calls `release()` or the job is cancelled (a client
+    disconnect); the worker thread waits with it, so nothing else is decoded meanwhile.
+    `held` is set while a job waits; `stepped_after_hold` once that job's step has run
+    (finished, cancelled, or one more token)."""
+
+    WAIT = 120.0  # a guard against a hung test, not a speed assumption
+
+    def __init__(self, server: "LiveServer", hold):
+        self.worker = server.state.worker
+        self.hold = hold
+        self.held = threading.Event()
+        self.opened = threading.Event()
+        self.stepped_after_hold = threading.Event()
+        self.held_job = None
+        self.generated_when_held = None
+        self._original = self.worker._step
+
+    def _step(self, job) -> None:
+        gated = not self.opened.is_set() and self.hold(job)
+        if gated:
+            self.held_job = job
+            self.generated_when_held = len(job.acquired.pooled.session.token_ids) - len(job.prompt.ids)
+            self.held.set()
+            deadline = time.monotonic() + self.WAIT
+            while not (self.opened.is_set() or job.cancelled) and time.monotonic() < deadline:
+                self.opened.wait(0.01)
+        self._original(job)
+        if gated:
+            self.stepped_after_hold.set()
+
+    def __enter__(self) -> "StepGate":
+        self.worker._step = self._step
+        return self
+
+    def release(self) -> None:
+        self.opened.set()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+        self.worker._step = self._original
+
+
+def wait_event(event: threading.Event, what: str) -> None:
+    """Wait for something the test caused (generous bound: a guard against hangs only)."""
+    assert event.wait(StepGate.WAIT), f"timed out waiting for {what}"

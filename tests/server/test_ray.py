@@ -24,11 +24,14 @@ TURNS = ["Tell me a story about {topic}.", "Why is that?", "Summarise it in one 
 TOPICS = ["sailing", "cheese", "volcanoes", "jazz", "origami", "comets", "tea", "owls"]
 
 
-def chat(client: httpx.Client, messages: list[dict], retries: int = 40, **extra) -> tuple[httpx.Response, list[int]]:
-    """POST a greedy chat turn; retry on 503 as a client honouring Retry-After would.
-    Returns the final response and the status codes of every attempt."""
+def chat(client: httpx.Client, messages: list[dict], patience_s: float = 300.0, **extra) -> tuple[httpx.Response, list[int]]:
+    """POST a greedy chat turn; retry on 503 as a client honouring Retry-After would, for
+    as long as a replacement replica may take to start on a loaded machine (a guard against
+    a hung test, not a speed assumption). Returns the final response and the status codes
+    of every attempt."""
     codes = []
-    for _ in range(retries):
+    deadline = time.monotonic() + patience_s
+    while time.monotonic() < deadline:
         r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 12,
                                                        "temperature": 0, **extra})
         codes.append(r.status_code)
@@ -36,7 +39,7 @@ def chat(client: httpx.Client, messages: list[dict], retries: int = 40, **extra)
             return r, codes
         assert r.headers.get("retry-after"), "a 503 must say when to retry"
         time.sleep(min(float(r.headers["retry-after"]), 1.0) / 4)
-    raise AssertionError(f"still 503 after {retries} attempts")
+    raise AssertionError(f"still 503 after {len(codes)} attempts in {patience_s:.0f} s")
 
 
 def run_conversations(client: httpx.Client, prefix: str, topics: list[str], turns=TURNS, start_history=None,

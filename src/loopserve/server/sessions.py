@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import queue
 import threading
 import time
@@ -317,8 +318,12 @@ class Job:
 
 
 class Worker:
-    def __init__(self, pool: SessionPool, store: ConversationStore | None, model_key: str, metrics=None, max_active: int = 4):
+    def __init__(self, pool: SessionPool, store: ConversationStore | None, model_key: str, metrics=None, max_active: int = 4,
+                 pause_file: str | None = None):
         self.pool = pool
+        # While this file exists, admitted requests wait before their next step (failure
+        # drills: a request provably in flight when a replica is killed).
+        self.pause_file = pause_file
         self.store = store
         self.model_key = model_key
         self.metrics = metrics
@@ -360,6 +365,9 @@ class Worker:
         while not self._stop.is_set():
             try:
                 self._admit()
+                if self.pause_file and os.path.exists(self.pause_file):
+                    self._stop.wait(0.01)
+                    continue
                 for job in list(self.active):
                     self._step(job)
             except Exception:  # pragma: no cover - the loop must survive anything
