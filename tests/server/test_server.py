@@ -33,7 +33,7 @@ def test_models_health_metrics(server):
         text = h.get("/metrics").text
     assert "# TYPE loopserve_requests_in_flight gauge" in text
     assert "# TYPE loopserve_ttft_seconds histogram" in text
-    assert 'loopserve_info{method="dense",model="tiny-llama"} 1' in text
+    assert server.metric("loopserve_info", method="dense", model="tiny-llama") == 1
 
 
 def test_non_streaming_and_streaming_agree(server):
@@ -127,7 +127,7 @@ def test_bad_inputs_get_openai_errors(server):
     e = err(openai.BadRequestError, messages=[_user("hi"), {"role": "tool", "content": "x", "tool_call_id": "1"}])
     assert e.param == "messages[1].role"
     for kw, param in [({"temperature": 5}, "temperature"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
-                      ({"max_tokens": 0}, "max_tokens"), ({"n": 2}, "n"), ({"stop": ["ok", ""]}, "stop"),
+                      ({"max_tokens": 0}, "max_tokens"), ({"n": 2}, "n"), ({"stop": ["ok", ""]}, "stop[1]"),
                       ({"presence_penalty": 1.0}, "presence_penalty"), ({"seed": 1.5}, "seed"),
                       ({"extra_body": {"top_k": -5}}, "top_k")]:
         e = err(openai.BadRequestError, **kw)
