@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -75,6 +76,16 @@ def make_server(tmp_path_factory, model=TINY, method="dense", knobs=None, **opti
     options.setdefault("db_path", str(tmp_path_factory.mktemp("db") / "conversations.sqlite"))
     options.setdefault("default_temperature", 0.0)
     return LiveServer(create_app(engine, **options)).start()
+
+
+@contextmanager
+def live_server(tmp_path_factory, **options):
+    """A server of its own for one test (`make_server` options), stopped at the end."""
+    s = make_server(tmp_path_factory, **options)
+    try:
+        yield s
+    finally:
+        s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +221,27 @@ class StepGate:
 def wait_event(event: threading.Event, what: str) -> None:
     """Wait for something the test caused (generous bound: a guard against hangs only)."""
     assert event.wait(StepGate.WAIT), f"timed out waiting for {what}"
+
+
+def wait_until(cond, what: str, guard_s: float = 60.0) -> None:
+    """Poll a condition the test caused; the bound only guards against a hang."""
+    deadline = time.monotonic() + guard_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@contextmanager
+def held_stream(server: LiveServer, text: str, max_tokens: int = 50):
+    """A streamed request (user message `text`) that is admitted and provably running: the
+    worker holds it before its first decode step until it is closed (at the latest when
+    the block ends). Yields the stream."""
+    with StepGate(server, hold=lambda job: job.messages[-1]["content"] == text) as gate:
+        stream = server.client().chat.completions.create(model=TINY, messages=[{"role": "user", "content": text}],
+                                                         max_tokens=max_tokens, temperature=0, stream=True)
+        try:
+            next(iter(stream))  # the first chunk: admitted
+            wait_event(gate.held, "the request to reach the worker")
+            yield stream
+        finally:
+            stream.close()

@@ -8,7 +8,7 @@ import json
 import openai
 import pytest
 
-from .conftest import TINY, StepGate, make_server, wait_event
+from .conftest import TINY, StepGate, held_stream, make_server, wait_event
 
 
 def _user(text):
@@ -225,13 +225,7 @@ def test_full_queue_answers_429(tmp_path_factory):
     s = make_server(tmp_path_factory, max_queue=2, max_active=1)
     try:
         c = s.client()
-        with StepGate(s, hold=lambda job: job.messages[-1]["content"] == "x" * 50) as gate:
-            slow = c.chat.completions.create(model=TINY, messages=[_user("x" * 50)], max_tokens=400, temperature=0,
-                                             stream=True)
-            it = iter(slow)
-            next(it)  # admitted
-            wait_event(gate.held, "the first request to reach the worker")  # and running: held before its first step
-
+        with held_stream(s, "x" * 50) as slow:
             def one(i):
                 try:
                     c.chat.completions.create(model=TINY, messages=[_user(f"queued {i}")], max_tokens=3, temperature=0)

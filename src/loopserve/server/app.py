@@ -202,8 +202,9 @@ class RequireAPIKey:
 
 
 def _openapi(app: FastAPI) -> dict:
-    """FastAPI's document, with the wire models the chat route validates by hand and without
-    the 422 that FastAPI declares but this server never sends (its errors are 400s)."""
+    """FastAPI's document, with the wire models the chat route validates itself (it reads
+    the body within the size limit first), the model ids served, and without the 422 that
+    FastAPI declares but this server never sends (its errors are 400s)."""
     if app.openapi_schema:
         return app.openapi_schema
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
@@ -212,6 +213,8 @@ def _openapi(app: FastAPI) -> dict:
         js = model.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(js.pop("$defs", {}))
         schemas[model.__name__] = js
+    # The ids this server answers to (anything else is a 404 model_not_found).
+    schemas["ChatCompletionRequest"]["properties"]["model"]["enum"] = sorted(app.state.loopserve.model_aliases)
     for path in doc.get("paths", {}).values():
         for op in path.values():
             op.get("responses", {}).pop("422", None)

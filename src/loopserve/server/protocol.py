@@ -11,10 +11,11 @@ turns validation failures into OpenAI-style 400 bodies whose `param` names the f
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -75,56 +76,36 @@ class Strict(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False)
 
 
+def _integral(v):
+    """JSON Schema's integers include 1.0; pydantic's strict ints do not."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def Int(**bounds):  # noqa: N802 - a type
+    """An integer field type with bounds (inside the Annotated, so the schema keeps them)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+# What the server cannot honour is declared with the only value it accepts (so the schema
+# says what a request may contain); anything else is a 400 `unsupported_*` naming it.
+Unsupported = Annotated[list[dict[str, Any]], Field(max_length=0, description="not supported (only empty)")]
 
 
 class TextPart(Strict):
+    """The only content part the served models read (image, audio and file parts are refused)."""
+
     type: Literal["text"]
     text: str
 
 
-class ImageURL(Strict):
-    url: str
-    detail: Literal["auto", "low", "high"] | None = None
-
-
-class ImagePart(Strict):
-    """Declared so that it is refused by name (the models served here read text only)."""
-
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-
-class InputAudio(Strict):
-    data: str
-    format: str
-
-
-class AudioPart(Strict):
-    type: Literal["input_audio"]
-    input_audio: InputAudio
-
-
-class FilePart(Strict):
-    type: Literal["file"]
-    file: dict[str, Any]
-
-
-class RefusalPart(Strict):
-    type: Literal["refusal"]
-    refusal: str
-
-
-ContentPart = Annotated[TextPart | ImagePart | AudioPart | FilePart | RefusalPart, Field(discriminator="type")]
-
-
 class ChatMessage(Strict):
-    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)  # name, refusal, ...: ignored
+    model_config = ConfigDict(extra="allow")  # name, refusal, ...: accepted and ignored
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    function_call: dict[str, Any] | None = None
+    content: str | list[TextPart]
+    tool_calls: Unsupported | None = None
+    function_call: None = Field(None, description="not supported")
 
 
 class StreamOptions(Strict):
@@ -132,77 +113,44 @@ class StreamOptions(Strict):
 
 
 class ResponseFormat(Strict):
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow")
 
-    type: Literal["text", "json_object", "json_schema"]
-
-
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+    type: Literal["text"] = Field(description="only text is supported")
 
 
 class ChatCompletionRequest(Strict):
     """POST /v1/chat/completions. Unknown fields are ignored (as OpenAI's SDKs expect);
-    fields the server cannot honour are declared and refused with a 400 naming them."""
+    fields the server cannot honour are declared with the one value it accepts and
+    refused otherwise with a 400 naming them."""
 
-    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow")
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="at most the model's context window")
-    max_completion_tokens: int | None = Field(None, ge=1, description="same as max_tokens (takes precedence)")
+    max_tokens: Int(ge=1) | None = Field(None, description="at most the model's context window")
+    max_completion_tokens: Int(ge=1) | None = Field(None, description="as max_tokens (and takes precedence)")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    seed: Int(ge=INT64_MIN, le=INT64_MAX) | None = None
     stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=4)] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1, le=128, description="only 1 is supported")
-    presence_penalty: Penalty | None = Field(None, description="only 0 is supported")
-    frequency_penalty: Penalty | None = Field(None, description="only 0 is supported")
-    logprobs: bool | None = Field(None, description="not supported (only false)")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="not supported (only 0)")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported (only empty)")
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported (only empty)")
-    functions: list[dict[str, Any]] | None = Field(None, description="not supported (only empty)")
-    tool_choice: str | dict[str, Any] | None = None
-    response_format: ResponseFormat | None = Field(None, description="only {\"type\": \"text\"} is supported")
+    n: Int(ge=1, le=1) | None = Field(None, description="only 1 is supported")
+    presence_penalty: float | None = Field(None, ge=0.0, le=0.0, description="only 0 is supported")
+    frequency_penalty: float | None = Field(None, ge=0.0, le=0.0, description="only 0 is supported")
+    logprobs: Literal[False] | None = Field(None, description="not supported (only false)")
+    top_logprobs: Int(ge=0, le=0) | None = Field(None, description="not supported (only 0)")
+    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = Field(None, description="not supported")
+    tools: Unsupported | None = None
+    functions: Unsupported | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
     metadata: dict[str, Any] | None = None
     # Extensions
-    top_k: int | None = Field(None, ge=-1, description="extension: top-k sampling (0 or -1 disables it)")
+    top_k: Int(ge=-1) | None = Field(None, description="extension: top-k sampling (0 or -1 disables it)")
     ignore_eos: bool = Field(False, description="extension (as in vLLM): decode exactly max_tokens tokens")
     loopserve: dict[str, Any] | None = Field(None, description="extension: method knobs for this request")
-
-    @model_validator(mode="after")
-    def _refuse_unsupported(self) -> "ChatCompletionRequest":
-        # Raised as APIError (not ValueError), so it leaves pydantic unchanged with its param.
-        def unsupported(what: str, param: str, code: str = "unsupported_parameter"):
-            raise bad_request(f"{what} is not supported.", param, code)
-
-        for i, m in enumerate(self.messages):
-            p = f"messages[{i}]"
-            if isinstance(m.content, list):
-                for j, part in enumerate(m.content):
-                    if not isinstance(part, TextPart):
-                        raise bad_request(f"{p}.content[{j}]: only text content parts are supported (got {part.type!r}).",
-                                          f"{p}.content[{j}]", "unsupported_content")
-            if m.tool_calls or m.function_call:
-                unsupported(f"{p}: tool calls", f"{p}.tool_calls")
-            if m.content is None:
-                raise bad_request(f"Missing required parameter: '{p}.content'.", f"{p}.content", "missing_required_parameter")
-        if self.n not in (None, 1):
-            raise bad_request(f"Invalid value for 'n': {self.n}; only n=1 is supported.", "n", "unsupported_value")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise bad_request(f"'{name}' is not supported (only 0).", name, "unsupported_value")
-        if self.logprobs or self.top_logprobs:
-            unsupported("'logprobs'", "logprobs")
-        for name in ("tools", "functions", "logit_bias"):
-            if getattr(self, name):
-                unsupported(f"'{name}'", name)
-        if self.response_format is not None and self.response_format.type != "text":
-            raise bad_request("Only response_format {\"type\": \"text\"} is supported.", "response_format", "unsupported_value")
-        return self
 
     def texts(self) -> list[dict]:
         """The messages as the chat template takes them (text parts joined, developer as system)."""
@@ -214,7 +162,7 @@ class ChatCompletionRequest(Strict):
 
 
 # -- validation errors -> OpenAI 400 bodies ------------------------------------------------------
-_PARAM_SKIP = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-before"}
+_PARAM_SKIP = {"str", "int", "float", "bool", "list", "dict", "none", "function-after", "function-before", "literal"}
 
 _CODE_BY_TYPE = {
     "missing": "missing_required_parameter",
@@ -227,9 +175,16 @@ _CODE_BY_TYPE = {
     "int_type": "invalid_type",
     "float_type": "invalid_type",
     "bool_type": "invalid_type",
-    "union_tag_invalid": "unsupported_content",
     "too_short": "empty_array",
 }
+# Declared but refused beyond the one accepted value (see ChatCompletionRequest).
+_UNSUPPORTED = {"n": "unsupported_value", "presence_penalty": "unsupported_value", "frequency_penalty": "unsupported_value",
+                "response_format.type": "unsupported_value", "logprobs": "unsupported_parameter",
+                "top_logprobs": "unsupported_parameter", "logit_bias": "unsupported_parameter",
+                "tools": "unsupported_parameter", "functions": "unsupported_parameter",
+                "tool_choice": "unsupported_parameter", "tool_calls": "unsupported_parameter",
+                "function_call": "unsupported_parameter"}
+_CONTENT_PART_TYPE = re.compile(r"^(messages\[\d+\]\.content\[\d+\])\.type$")
 
 
 def _param(loc: tuple) -> str | None:
@@ -254,6 +209,8 @@ def validation_error(exc: ValidationError) -> APIError:
     err = max((e for e in errors if e["loc"][:1] == first), key=lambda e: len(_param(e["loc"]) or ""))
     kind, param = err["type"], _param(err["loc"])
     code = _CODE_BY_TYPE.get(kind, "invalid_value")
+    tail = param.split("].")[-1] if param else None
+    part = _CONTENT_PART_TYPE.match(param or "")
     if kind == "json_invalid":
         message = f"We could not parse the JSON body of your request: {err['msg']}"
     elif kind == "missing":
@@ -261,6 +218,12 @@ def validation_error(exc: ValidationError) -> APIError:
     elif kind == "literal_error" and param and param.endswith(".role"):
         code = "invalid_role"
         message = f"Invalid value for '{param}': {err['input']!r}. Supported roles: system, developer, user, assistant."
+    elif part:
+        param, code = part.group(1), "unsupported_content"
+        message = f"{param}: only text content parts are supported (got type {err['input']!r})."
+    elif tail in _UNSUPPORTED and kind not in _CODE_BY_TYPE:
+        code = _UNSUPPORTED[tail]
+        message = f"'{param}' is not supported here ({err['msg'].lower()})."
     elif param is None:
         message = f"The request body must be a JSON object ({err['msg']})."
     else:
