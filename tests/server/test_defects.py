@@ -178,12 +178,13 @@ def test_api_key_from_the_environment(monkeypatch):
     """8c: the key belongs in $LOOPSERVE_API_KEY (a --api-key flag shows in `ps`)."""
     import argparse
 
-    from loopserve.server.cli import add_serve_args, server_config
+    from loopserve.server.cli import add_serve_args, api_key_warning, server_config
 
     monkeypatch.setenv("LOOPSERVE_API_KEY", "from-env")
     args = add_serve_args(argparse.ArgumentParser()).parse_args([])
-    assert server_config(args, {}, None).api_key == "from-env"
-    assert "LOOPSERVE_API_KEY" in add_serve_args(argparse.ArgumentParser()).format_help()
+    assert server_config(args, {}, None).api_key == "from-env" and api_key_warning(args) is None
+    args = add_serve_args(argparse.ArgumentParser()).parse_args(["--api-key", "on-the-command-line"])
+    assert "LOOPSERVE_API_KEY" in api_key_warning(args)
 
 
 def test_max_tokens_beyond_the_context_window_is_a_400(server):
