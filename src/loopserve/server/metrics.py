@@ -54,6 +54,21 @@ class _StateCollector:
                                   "Sessions whose KV was evicted (LRU) to stay within the budget.", value=st.evictions)
 
 
+def render_families(*families) -> str:
+    """The exposition of metric families computed on the spot (e.g. the Ray ingress's own)."""
+    registry = CollectorRegistry()
+    registry.register(_Fixed(families))
+    return generate_latest(registry).decode()
+
+
+class _Fixed:
+    def __init__(self, families):
+        self.families = families
+
+    def collect(self):
+        return iter(self.families)
+
+
 class Metrics:
     def __init__(self, read_state: Callable[[], StateSnapshot], model: str, method: str):
         self.registry = r = CollectorRegistry()

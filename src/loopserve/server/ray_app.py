@@ -52,6 +52,7 @@ configure_ray_env(local=os.environ.get("LOOPSERVE_RAY_LOCAL", "1") == "1")
 import ray  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse  # noqa: E402
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.exceptions import RayActorError  # noqa: E402
 from ray.serve.config import RequestRouterConfig  # noqa: E402
@@ -59,7 +60,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from .asgi_bridge import call_asgi, forwarded  # noqa: E402
 from .cluster import REPLICA_HEADER, conversation_key, merge_metrics  # noqa: E402
-from .metrics import CONTENT_TYPE  # noqa: E402
+from .metrics import CONTENT_TYPE, render_families  # noqa: E402
 from .protocol import DONE, replica_unavailable, sse, too_large  # noqa: E402
 from .ray_router import KEY_KWARG, TARGET_KWARG  # noqa: E402
 
@@ -147,14 +148,13 @@ class Ingress:
     async def metrics(self):
         results = await self._fan_out("metrics_text")
         texts = {rid: r for rid, r in results.items() if isinstance(r, str)}
-        extra = (
-            "# HELP loopserve_cluster_replicas Engine replicas the ingress routes to, and how many answered /metrics.\n"
-            "# TYPE loopserve_cluster_replicas gauge\n"
-            f'loopserve_cluster_replicas{{state="routed"}} {len(results)}\n'
-            f'loopserve_cluster_replicas{{state="reporting"}} {len(texts)}\n'
-            "# HELP loopserve_cluster_replica_failures_total Requests answered 503 because their replica failed.\n"
-            "# TYPE loopserve_cluster_replica_failures_total counter\n"
-            f"loopserve_cluster_replica_failures_total {self.failures}\n")
+        replicas = GaugeMetricFamily("loopserve_cluster_replicas",
+                                     "Engine replicas the ingress routes to, and how many answered /metrics.", labels=["state"])
+        replicas.add_metric(["routed"], len(results))
+        replicas.add_metric(["reporting"], len(texts))
+        failures = CounterMetricFamily("loopserve_cluster_replica_failures",
+                                       "Requests answered 503 because their replica failed.", value=self.failures)
+        extra = render_families(replicas, failures)
         return PlainTextResponse(merge_metrics(texts, extra), media_type=CONTENT_TYPE)
 
     @ingress_app.get("/health")
