@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -75,6 +76,16 @@ def make_server(tmp_path_factory, model=TINY, method="dense", knobs=None, **opti
     options.setdefault("db_path", str(tmp_path_factory.mktemp("db") / "conversations.sqlite"))
     options.setdefault("default_temperature", 0.0)
     return LiveServer(create_app(engine, **options)).start()
+
+
+@contextmanager
+def live_server(tmp_path_factory, **options):
+    """A server of its own for one test (`make_server` options), stopped at the end."""
+    s = make_server(tmp_path_factory, **options)
+    try:
+        yield s
+    finally:
+        s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +168,80 @@ def make_redis(tmp_path):
     yield make
     for srv in made:
         srv.stop()
+
+
+# -- deterministic control of the generation worker ----------------------------------------------
+class StepGate:
+    """Holds the server's worker before a decode step of the chosen requests, so a test
+    knows a stream is still running whatever the machine's speed.
+
+    Wraps `Worker._step` of one live server: a job for which `hold(job)` is true waits
+    before its step until the test calls `release()` or the job is cancelled (a client
+    disconnect); the worker thread waits with it, so nothing else is decoded meanwhile.
+    `held` is set while a job waits; `stepped_after_hold` once that job's step has run
+    (finished, cancelled, or one more token)."""
+
+    WAIT = 120.0  # a guard against a hung test, not a speed assumption
+
+    def __init__(self, server: "LiveServer", hold):
+        self.worker = server.state.worker
+        self.hold = hold
+        self.held = threading.Event()
+        self.opened = threading.Event()
+        self.stepped_after_hold = threading.Event()
+        self.held_job = None
+        self.generated_when_held = None
+        self._original = self.worker._step
+
+    def _step(self, job) -> None:
+        gated = not self.opened.is_set() and self.hold(job)
+        if gated:
+            self.held_job = job
+            self.generated_when_held = len(job.acquired.pooled.session.token_ids) - len(job.prompt.ids)
+            self.held.set()
+            deadline = time.monotonic() + self.WAIT
+            while not (self.opened.is_set() or job.cancelled) and time.monotonic() < deadline:
+                self.opened.wait(0.01)
+        self._original(job)
+        if gated:
+            self.stepped_after_hold.set()
+
+    def __enter__(self) -> "StepGate":
+        self.worker._step = self._step
+        return self
+
+    def release(self) -> None:
+        self.opened.set()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+        self.worker._step = self._original
+
+
+def wait_event(event: threading.Event, what: str) -> None:
+    """Wait for something the test caused (generous bound: a guard against hangs only)."""
+    assert event.wait(StepGate.WAIT), f"timed out waiting for {what}"
+
+
+def wait_until(cond, what: str, guard_s: float = 60.0) -> None:
+    """Poll a condition the test caused; the bound only guards against a hang."""
+    deadline = time.monotonic() + guard_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@contextmanager
+def held_stream(server: LiveServer, text: str, max_tokens: int = 50):
+    """A streamed request (user message `text`) that is admitted and provably running: the
+    worker holds it before its first decode step until it is closed (at the latest when
+    the block ends). Yields the stream."""
+    with StepGate(server, hold=lambda job: job.messages[-1]["content"] == text) as gate:
+        stream = server.client().chat.completions.create(model=TINY, messages=[{"role": "user", "content": text}],
+                                                         max_tokens=max_tokens, temperature=0, stream=True)
+        try:
+            next(iter(stream))  # the first chunk: admitted
+            wait_event(gate.held, "the request to reach the worker")
+            yield stream
+        finally:
+            stream.close()

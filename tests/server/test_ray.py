@@ -24,11 +24,14 @@ TURNS = ["Tell me a story about {topic}.", "Why is that?", "Summarise it in one 
 TOPICS = ["sailing", "cheese", "volcanoes", "jazz", "origami", "comets", "tea", "owls"]
 
 
-def chat(client: httpx.Client, messages: list[dict], retries: int = 40, **extra) -> tuple[httpx.Response, list[int]]:
-    """POST a greedy chat turn; retry on 503 as a client honouring Retry-After would.
-    Returns the final response and the status codes of every attempt."""
+def chat(client: httpx.Client, messages: list[dict], patience_s: float = 300.0, **extra) -> tuple[httpx.Response, list[int]]:
+    """POST a greedy chat turn; retry on 503 as a client honouring Retry-After would, for
+    as long as a replacement replica may take to start on a loaded machine (a guard against
+    a hung test, not a speed assumption). Returns the final response and the status codes
+    of every attempt."""
     codes = []
-    for _ in range(retries):
+    deadline = time.monotonic() + patience_s
+    while time.monotonic() < deadline:
         r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 12,
                                                        "temperature": 0, **extra})
         codes.append(r.status_code)
@@ -36,7 +39,7 @@ def chat(client: httpx.Client, messages: list[dict], retries: int = 40, **extra)
             return r, codes
         assert r.headers.get("retry-after"), "a 503 must say when to retry"
         time.sleep(min(float(r.headers["retry-after"]), 1.0) / 4)
-    raise AssertionError(f"still 503 after {retries} attempts")
+    raise AssertionError(f"still 503 after {len(codes)} attempts in {patience_s:.0f} s")
 
 
 def run_conversations(client: httpx.Client, prefix: str, topics: list[str], turns=TURNS, start_history=None,
@@ -75,7 +78,7 @@ def reference(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(redis_server):
+def cluster(redis_server, tmp_path_factory):
     saved_env = dict(os.environ)  # ray_app sets Ray's environment (loopback, no proxy): undone below
     os.environ["LOOPSERVE_RAY_LOCAL"] = "1"
     from loopserve.server import ray_app
@@ -85,14 +88,18 @@ def cluster(redis_server):
     from ray import serve
 
     port = free_port()
+    # While the pause file exists, every replica holds its admitted requests before their next
+    # step: a request is provably still in flight when the failover test kills its replica.
+    pause_file = tmp_path_factory.mktemp("drill") / "pause"
     config = dataclasses.asdict(ServerConfig(model=MODEL, method="dense", db_path=redis_server.url,
-                                             default_temperature=0.0, max_active=2))
+                                             default_temperature=0.0, max_active=2, pause_file=str(pause_file)))
     ray_app.start(config, replicas=2, port=port, replica_cpus=0.5, num_cpus=2, health_check_period_s=1)
     ray_app.wait_for_replicas(2)
 
     class Cluster:
         url = f"http://127.0.0.1:{port}"
         store = redis_server
+        pause = pause_file
 
         def http(self, timeout=120.0) -> httpx.Client:
             return httpx.Client(base_url=self.url, trust_env=False, timeout=timeout)
@@ -156,16 +163,17 @@ def test_replica_killed_mid_run_conversations_complete_with_single_node_answers(
                 "model": MODEL, "messages": probe_msgs, "max_tokens": 3000, "ignore_eos": True, "temperature": 0})
 
         th = threading.Thread(target=probe)
-        th.start()
-        deadline = time.time() + 30
-        while time.time() < deadline:  # wait until the victim is decoding the probe
-            if _metric(c.get("/metrics").text, "loopserve_requests_running", replica=victim) >= 1:
-                break
-            time.sleep(0.05)
-        else:
-            raise AssertionError("the probe never started running")
-        ray_app.kill_replica(victim)
-        th.join(60)
+        cluster.pause.touch()
+        try:
+            th.start()
+            deadline = time.monotonic() + 300  # a guard against a hang, not a speed assumption
+            while _metric(c.get("/metrics").text, "loopserve_requests_running", replica=victim) < 1:
+                assert time.monotonic() < deadline, "the probe never reached its replica"
+                time.sleep(0.05)
+            ray_app.kill_replica(victim)  # held before its first step: it cannot have finished
+        finally:
+            cluster.pause.unlink()
+        th.join(300)
         r = probe_result["r"]
         assert r.status_code == 503 and r.headers.get("retry-after"), (r.status_code, r.text[:300])
         assert r.json()["error"]["code"] == "replica_unavailable"
@@ -183,14 +191,19 @@ def test_replica_killed_mid_run_conversations_complete_with_single_node_answers(
 
     # A stream that already started cannot change its status: it ends with an error event.
     with cluster.http() as c:
-        with c.stream("POST", "/v1/chat/completions", json={
-                "model": MODEL, "messages": probe_msgs, "max_tokens": 3000, "ignore_eos": True, "temperature": 0,
-                "stream": True}) as r:
-            assert r.status_code == 200
-            lines = r.iter_lines()
-            assert next(line for line in lines if line.startswith("data: "))  # the stream is running
-            ray_app.kill_replica(r.headers["x-loopserve-replica"])
-            events = [line for line in lines if line.startswith("data: ")]
+        cluster.pause.touch()
+        try:
+            with c.stream("POST", "/v1/chat/completions", json={
+                    "model": MODEL, "messages": probe_msgs, "max_tokens": 3000, "ignore_eos": True, "temperature": 0,
+                    "stream": True}) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()
+                assert next(line for line in lines if line.startswith("data: "))  # the stream is running
+                ray_app.kill_replica(r.headers["x-loopserve-replica"])
+                cluster.pause.unlink()
+                events = [line for line in lines if line.startswith("data: ")]
+        finally:
+            cluster.pause.unlink(missing_ok=True)
     assert events[-1] == "data: [DONE]" and '"replica_unavailable"' in events[-2]
     ray_app.wait_for_replicas(2)
 

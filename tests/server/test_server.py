@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
-import time
 
 import openai
 import pytest
 
-from .conftest import TINY, make_server
+from .conftest import TINY, StepGate, held_stream, make_server, wait_event
 
 
 def _user(text):
@@ -23,15 +22,6 @@ def _assert_error_shape(body: dict, status_code: int, resp_status: int):
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
 
 
-def _wait_for(cond, timeout=15.0, interval=0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return True
-        time.sleep(interval)
-    return False
-
-
 # -- basics -------------------------------------------------------------------------------------
 def test_models_health_metrics(server):
     c = server.client()
@@ -43,7 +33,7 @@ def test_models_health_metrics(server):
         text = h.get("/metrics").text
     assert "# TYPE loopserve_requests_in_flight gauge" in text
     assert "# TYPE loopserve_ttft_seconds histogram" in text
-    assert 'loopserve_info{method="dense",model="tiny-llama"} 1' in text
+    assert server.metric("loopserve_info", method="dense", model="tiny-llama") == 1
 
 
 def test_non_streaming_and_streaming_agree(server):
@@ -137,7 +127,7 @@ def test_bad_inputs_get_openai_errors(server):
     e = err(openai.BadRequestError, messages=[_user("hi"), {"role": "tool", "content": "x", "tool_call_id": "1"}])
     assert e.param == "messages[1].role"
     for kw, param in [({"temperature": 5}, "temperature"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
-                      ({"max_tokens": 0}, "max_tokens"), ({"n": 2}, "n"), ({"stop": ["ok", ""]}, "stop"),
+                      ({"max_tokens": 0}, "max_tokens"), ({"n": 2}, "n"), ({"stop": ["ok", ""]}, "stop[1]"),
                       ({"presence_penalty": 1.0}, "presence_penalty"), ({"seed": 1.5}, "seed"),
                       ({"extra_body": {"top_k": -5}}, "top_k")]:
         e = err(openai.BadRequestError, **kw)
@@ -173,28 +163,35 @@ def test_engine_failure_is_a_500_not_a_crash(server, monkeypatch):
     monkeypatch.undo()
     r = c.chat.completions.create(model=TINY, messages=[_user("fail please")], max_tokens=3, temperature=0)
     assert r.usage.completion_tokens >= 1
-    assert _wait_for(lambda: server.state.in_flight == 0)
+    assert server.metric("loopserve_requests_in_flight") == 0
 
 
 def test_client_disconnect_cancels_generation(server):
     before = server.metric("loopserve_requests_cancelled_total")
     gen_before = server.metric("loopserve_generated_tokens_total")
+    completed_before = server.metric("loopserve_requests_completed_total")
     c = server.client()
-    # A prompt on which the tiny model does not stop by itself within 400 tokens.
-    stream = c.chat.completions.create(model=TINY, messages=[_user("x" * 50)], max_tokens=400, temperature=0, stream=True)
-    seen, streamed = 0, ""
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            seen += 1
-            streamed += chunk.choices[0].delta.content
-            if seen == 3:
-                break
-    stream.close()
-    assert _wait_for(lambda: server.metric("loopserve_requests_cancelled_total") > before), "generation was not cancelled"
+    # The worker holds the request before its fourth text delta until the client is gone:
+    # the stream is provably still running when it disconnects.
+    with StepGate(server, hold=lambda job: job.deltas >= 3) as gate:
+        stream = c.chat.completions.create(model=TINY, messages=[_user("x" * 50)], max_tokens=400, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        seen, streamed = 0, ""
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                seen += 1
+                streamed += chunk.choices[0].delta.content
+                if seen == 3:
+                    break
+        stream.close()
+        wait_event(gate.stepped_after_hold, "the held request to be cancelled")
+    assert gate.held_job.cancelled
+    assert server.metric("loopserve_requests_cancelled_total") == before + 1
+    assert server.metric("loopserve_requests_completed_total") == completed_before
     generated = server.metric("loopserve_generated_tokens_total") - gen_before
-    assert 3 <= generated < 200
-    assert _wait_for(lambda: server.state.in_flight == 0)
+    assert generated == gate.generated_when_held and 3 <= generated < 400
     assert server.metric("loopserve_requests_in_flight") == 0
+    assert server.state.in_flight == 0
     # The session it used was cut back to a consistent state and serves the same prompt again.
     r = c.chat.completions.create(model=TINY, messages=[_user("x" * 50)], max_tokens=4, temperature=0)
     text = r.choices[0].message.content
@@ -228,32 +225,29 @@ def test_full_queue_answers_429(tmp_path_factory):
     s = make_server(tmp_path_factory, max_queue=2, max_active=1)
     try:
         c = s.client()
-        slow = c.chat.completions.create(model=TINY, messages=[_user("x" * 50)], max_tokens=400, temperature=0, stream=True)
-        it = iter(slow)
-        next(it)  # admitted and running
+        with held_stream(s, "x" * 50) as slow:
+            def one(i):
+                try:
+                    c.chat.completions.create(model=TINY, messages=[_user(f"queued {i}")], max_tokens=3, temperature=0)
+                    return 200
+                except openai.RateLimitError as e:
+                    assert e.body["code"] == "rate_limit_exceeded" and set(e.body) == {"message", "type", "param", "code"}
+                    assert e.response.headers.get("retry-after") == "1"
+                    return 429
 
-        def one(i):
-            try:
-                c.chat.completions.create(model=TINY, messages=[_user(f"queued {i}")], max_tokens=3, temperature=0)
-                return 200
-            except openai.RateLimitError as e:
-                assert e.body["code"] == "rate_limit_exceeded" and set(e.body) == {"message", "type", "param", "code"}
-                assert e.response.headers.get("retry-after") == "1"
-                return 429
-
-        with cf.ThreadPoolExecutor(4) as ex:
-            futs = [ex.submit(one, i) for i in range(4)]
-            rejected = 0
-            for f in cf.as_completed(futs, timeout=60):
-                if f.result() == 429:
-                    rejected += 1
-                if rejected == 3:
-                    slow.close()  # free the worker so the admitted request completes
-            results = sorted(f.result() for f in futs)
-        slow.close()
+            with cf.ThreadPoolExecutor(4) as ex:
+                futs = [ex.submit(one, i) for i in range(4)]
+                rejected = 0
+                for f in cf.as_completed(futs):
+                    if f.result() == 429:
+                        rejected += 1
+                    if rejected == 3:
+                        slow.close()  # the held request is cancelled: the admitted one runs
+                        rejected += 1
+                results = sorted(f.result() for f in futs)
         assert results == [200, 429, 429, 429]
         assert s.metric("loopserve_requests_rejected_total") == 3
-        assert _wait_for(lambda: s.state.in_flight == 0)
+        assert s.metric("loopserve_requests_in_flight") == 0
         r = c.chat.completions.create(model=TINY, messages=[_user("after the storm")], max_tokens=2, temperature=0)
         assert r.usage.completion_tokens >= 1
     finally:

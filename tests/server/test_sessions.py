@@ -8,7 +8,8 @@ import pytest
 
 from loopserve.engine import Engine, SamplingParams
 from loopserve.server.sessions import PromptBuilder, SessionPool, common_prefix, kv_bytes
-from loopserve.server.store import ConversationStore, StoreUnavailable, ids_hash, open_store
+from loopserve.server.hashing import ids_hash
+from loopserve.server.store import SQLiteConversationStore, StoreUnavailable, open_store
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def _generate(session, prompt, n=16):
 
 
 def test_builder_splices_generated_ids_where_retokenising_drifts(engine):
-    st = ConversationStore(None)
+    st = SQLiteConversationStore(None)
     builder = PromptBuilder(engine.tokenizer, st, "tiny")
     # The tiny byte-level model emits invalid UTF-8: decoding gives U+FFFD, which re-encodes
     # to other bytes, so plain re-tokenisation of the answer cannot match the cache.
@@ -115,7 +116,7 @@ def test_builder_splices_generated_ids_where_retokenising_drifts(engine):
 
 
 def test_builder_ignores_edited_answers(engine):
-    st = ConversationStore(None)
+    st = SQLiteConversationStore(None)
     builder = PromptBuilder(engine.tokenizer, st, "tiny")
     msgs = [{"role": "user", "content": "hi"}]
     p = builder.build(msgs).ids

@@ -73,6 +73,10 @@ class Sampler:
         logits = logits.float()
         if self.greedy:
             return int(logits.argmax(dim=-1))
+        # Shifted so the best logit is 0, in float64: logits / T then stays finite or -inf
+        # for any T > 0 (a T of 1e-38 overflowed float32 to inf - inf = NaN), and becomes
+        # greedy in the limit, as it should.
+        logits = logits.double() - logits.max(dim=-1, keepdim=True).values.double()
         scores = self.warpers(input_ids, logits)
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))

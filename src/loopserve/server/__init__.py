@@ -11,13 +11,15 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "APIError": ".app",
+    "APIError": ".protocol",
+    "ChatCompletionRequest": ".protocol",
     "ServerConfig": ".app",
     "create_app": ".app",
     "PromptBuilder": ".sessions",
     "SessionPool": ".sessions",
     "Worker": ".sessions",
-    "ConversationStore": ".store",
+    "ConversationStore": ".store_api",
+    "SQLiteConversationStore": ".store",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -25,7 +25,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("LOOPSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $LOOPSERVE_API_KEY, else no auth)")
+                   help="require 'Authorization: Bearer KEY' on every path but /health and /metrics (default: "
+                        "$LOOPSERVE_API_KEY, else no auth); prefer the variable: a command-line key shows in `ps`")
     p.add_argument("--db", "--store", dest="db", default=None,
                    help="conversation store: a SQLite file (default: $LOOPSERVE_CACHE/server/conversations.sqlite; "
                         "':memory:' keeps nothing across restarts) or redis://HOST:PORT/DB (the shared store; "
@@ -46,6 +47,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per engine replica (torch threads)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
+
+
+def api_key_warning(args) -> str | None:
+    """A warning when the key came on the command line (other local users see it in `ps`)."""
+    if args.api_key and args.api_key != os.environ.get("LOOPSERVE_API_KEY"):
+        return ("warning: --api-key is visible to other users in the process list; "
+                "set LOOPSERVE_API_KEY in the server's environment instead")
+    return None
 
 
 def server_config(args, knobs: dict, db_path: str | None):
@@ -74,6 +83,9 @@ def cmd_serve(args) -> int:
     from ..engine.registry import parse_knobs
 
     knobs = parse_knobs(args.knob)
+    warning = api_key_warning(args)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     if args.ray:
         return cmd_serve_ray(args, knobs)
     db = args.db if args.db is not None else _default_db()

@@ -19,7 +19,6 @@ affinity, a shared Redis store, and failover.
 
 import asyncio
 import contextvars
-import json
 import logging
 import os
 import time
@@ -53,6 +52,7 @@ configure_ray_env(local=os.environ.get("LOOPSERVE_RAY_LOCAL", "1") == "1")
 import ray  # noqa: E402
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse  # noqa: E402
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.exceptions import RayActorError  # noqa: E402
 from ray.serve.config import RequestRouterConfig  # noqa: E402
@@ -60,6 +60,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from .asgi_bridge import call_asgi, forwarded  # noqa: E402
 from .cluster import REPLICA_HEADER, conversation_key, merge_metrics  # noqa: E402
+from .metrics import CONTENT_TYPE, render_families  # noqa: E402
+from .protocol import DONE, replica_unavailable, sse, too_large  # noqa: E402
 from .ray_router import KEY_KWARG, TARGET_KWARG  # noqa: E402
 
 # A replica that died, was stopped, or cannot take the request: the client should retry.
@@ -67,10 +69,7 @@ REPLICA_FAILURES = (RayActorError, ReplicaUnavailableError, DeploymentUnavailabl
 
 
 def _unavailable(exc: BaseException) -> JSONResponse:
-    body = {"error": {"message": f"The replica serving this conversation became unavailable ({type(exc).__name__}); "
-                                 "retry: the conversation continues on a healthy replica.",
-                      "type": "server_error", "param": None, "code": "replica_unavailable"}}
-    return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+    return replica_unavailable(exc).response()
 
 
 # -- the engine replica ------------------------------------------------------------------------
@@ -100,7 +99,7 @@ class EngineReplica:
             yield item
 
     async def metrics_text(self, **_routing) -> str:
-        return self.state.metrics.render(self.state.gauges())
+        return self.state.metrics.render()
 
     async def health(self, **_routing) -> dict:
         st = self.state
@@ -149,15 +148,14 @@ class Ingress:
     async def metrics(self):
         results = await self._fan_out("metrics_text")
         texts = {rid: r for rid, r in results.items() if isinstance(r, str)}
-        extra = (
-            "# HELP loopserve_cluster_replicas Engine replicas the ingress routes to, and how many answered /metrics.\n"
-            "# TYPE loopserve_cluster_replicas gauge\n"
-            f'loopserve_cluster_replicas{{state="routed"}} {len(results)}\n'
-            f'loopserve_cluster_replicas{{state="reporting"}} {len(texts)}\n'
-            "# HELP loopserve_cluster_replica_failures_total Requests answered 503 because their replica failed.\n"
-            "# TYPE loopserve_cluster_replica_failures_total counter\n"
-            f"loopserve_cluster_replica_failures_total {self.failures}\n")
-        return PlainTextResponse(merge_metrics(texts, extra), media_type="text/plain; version=0.0.4; charset=utf-8")
+        replicas = GaugeMetricFamily("loopserve_cluster_replicas",
+                                     "Engine replicas the ingress routes to, and how many answered /metrics.", labels=["state"])
+        replicas.add_metric(["routed"], len(results))
+        replicas.add_metric(["reporting"], len(texts))
+        failures = CounterMetricFamily("loopserve_cluster_replica_failures",
+                                       "Requests answered 503 because their replica failed.", value=self.failures)
+        extra = render_families(replicas, failures)
+        return PlainTextResponse(merge_metrics(texts, extra), media_type=CONTENT_TYPE)
 
     @ingress_app.get("/health")
     async def health(self):
@@ -170,9 +168,7 @@ class Ingress:
     async def forward(self, request: Request, path: str):
         body = await request.body()
         if len(body) > self.max_body_bytes:
-            return JSONResponse({"error": {"message": f"Request body too large: the limit is {self.max_body_bytes} bytes.",
-                                           "type": "invalid_request_error", "param": None, "code": "request_too_large"}},
-                                status_code=413)
+            return too_large(self.max_body_bytes).response()
         headers = {k.lower(): v for k, v in request.headers.items()}
         key = conversation_key(headers, body) if request.method == "POST" else None
         req = forwarded(request.method, request.url.path, request.url.query, list(request.headers.items()), body)
@@ -202,8 +198,7 @@ class Ingress:
                     yield chunk
             except REPLICA_FAILURES as e:
                 self.failures += 1
-                err = json.loads(_unavailable(e).body)
-                yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
+                yield (sse(replica_unavailable(e).body()) + DONE).encode()
             finally:
                 stream.cancel()  # the client left early: the replica cancels the generation
 

@@ -1,6 +1,6 @@
 """Redis persistence of conversations: the shared, durable store of a multi-replica deployment.
 
-Same interface and the same records as the SQLite `ConversationStore` (store.py), so the
+The `ConversationStore` protocol (store_api.py) with the same records as the SQLite store (store.py), so the
 prompt builder and the worker do not know which one they write to; every replica of a Ray
 Serve deployment reaches the same Redis, so any replica can rebuild any conversation.
 
@@ -23,7 +23,8 @@ from __future__ import annotations
 import json
 import time
 
-from .store import AnswerRecord, StoreUnavailable, _answer_key, ids_hash, redact_url, text_hash
+from .hashing import answer_key, ids_hash, text_hash
+from .store_api import AnswerRecord, StoreUnavailable, redact_url
 
 
 class RedisConversationStore:
@@ -74,7 +75,7 @@ class RedisConversationStore:
             p.sadd(self._k("convs"), conversation_id)
             if answer_ids is not None:
                 ph, ch = ids_hash(prompt_ids), text_hash(answer_text)
-                key = _answer_key(model, ph, ch)
+                key = answer_key(model, ph, ch)
                 p.set(self._k("ans", key), json.dumps({"token_ids": list(answer_ids), "conversation_id": conversation_id,
                                                        "prompt_len": len(prompt_ids), "created": now}))
                 p.sadd(self._k("answers"), key)
@@ -86,7 +87,7 @@ class RedisConversationStore:
     # -- reads ----------------------------------------------------------------------------
     def find_answer(self, model: str, prompt_hash: str, content: str) -> AnswerRecord | None:
         ch = text_hash(content)
-        raw = self._call(self._r.get, self._k("ans", _answer_key(model, prompt_hash, ch)))
+        raw = self._call(self._r.get, self._k("ans", answer_key(model, prompt_hash, ch)))
         exact = raw is not None
         if raw is None:
             latest = self._call(self._r.get, self._k("ans-latest", model, ch))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import queue
 import threading
 import time
@@ -35,7 +36,8 @@ from ..engine.hook import TurnContext
 from ..engine.registry import resolve_method
 from ..engine.sampling import SamplingParams
 from ..engine.session import Engine, Session
-from .store import ConversationStore, IdsHasher
+from .hashing import IdsHasher
+from .store_api import ConversationStore
 
 log = logging.getLogger("loopserve.server")
 
@@ -111,16 +113,35 @@ class BuiltPrompt:
 
 
 class PromptBuilder:
-    """Chat template + token splicing of the model's own answers (see module docstring)."""
+    """Chat template + token splicing of the model's own answers (see module docstring).
+
+    Safe to call from several threads: each gets its own tokenizer copy (prompts are built
+    off the worker thread, and one long prompt must not hold up the others)."""
 
     def __init__(self, tokenizer, store: ConversationStore | None, model_key: str):
-        # A private copy: encoding here runs in another thread than the worker's decoding.
-        try:
-            self.tokenizer = copy.deepcopy(tokenizer)
-        except Exception:  # pragma: no cover - tokenizers that cannot be copied
-            self.tokenizer = tokenizer
+        self._source = tokenizer
+        self._local = threading.local()
         self.store = store
         self.model_key = model_key
+        # A token never covers more characters than the longest vocabulary entry (byte-level
+        # and byte-fallback entries are at least as long as the text they decode to).
+        self.max_chars_per_token = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
+
+    @property
+    def tokenizer(self):
+        tok = getattr(self._local, "tokenizer", None)
+        if tok is None:
+            try:
+                tok = copy.deepcopy(self._source)
+            except Exception:  # pragma: no cover - tokenizers that cannot be copied
+                tok = self._source
+            self._local.tokenizer = tok
+        return tok
+
+    def min_tokens(self, messages: list[dict]) -> int:
+        """A lower bound on the prompt's token count, from its characters alone (no tokenising)."""
+        chars = sum(len(m.get("content") or "") for m in messages)
+        return -(-chars // self.max_chars_per_token)
 
     def render(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -301,6 +322,10 @@ class Job:
         self.sink = sink
         self.request_id = request_id or uuid.uuid4().hex
         self.cancel_event = threading.Event()
+        # A job still in the queue can be withdrawn (its client left) and its slot freed at
+        # once; the worker claims a job before starting it. The lock makes it one or the other.
+        self._claim_lock = threading.Lock()
+        self._claimed = self._withdrawn = False
         self.t_submit = time.perf_counter()
         self.t_start = 0.0
         self.t_first = 0.0
@@ -315,10 +340,30 @@ class Job:
     def cancelled(self) -> bool:
         return self.cancel_event.is_set()
 
+    def withdraw(self) -> bool:
+        """Cancel a job the worker has not started: True when it never will."""
+        self.cancel()
+        with self._claim_lock:
+            if not self._claimed:
+                self._withdrawn = True
+            return self._withdrawn
+
+    def claim(self) -> bool:
+        """The worker takes the job: False when it was cancelled or withdrawn before."""
+        with self._claim_lock:
+            if self._withdrawn or self.cancelled:
+                return False
+            self._claimed = True
+            return True
+
 
 class Worker:
-    def __init__(self, pool: SessionPool, store: ConversationStore | None, model_key: str, metrics=None, max_active: int = 4):
+    def __init__(self, pool: SessionPool, store: ConversationStore | None, model_key: str, metrics=None, max_active: int = 4,
+                 pause_file: str | None = None):
         self.pool = pool
+        # While this file exists, admitted requests wait before their next step (failure
+        # drills: a request provably in flight when a replica is killed).
+        self.pause_file = pause_file
         self.store = store
         self.model_key = model_key
         self.metrics = metrics
@@ -360,6 +405,9 @@ class Worker:
         while not self._stop.is_set():
             try:
                 self._admit()
+                if self.pause_file and os.path.exists(self.pause_file):
+                    self._stop.wait(0.01)
+                    continue
                 for job in list(self.active):
                     self._step(job)
             except Exception:  # pragma: no cover - the loop must survive anything
@@ -382,7 +430,7 @@ class Worker:
                 return
             if job is None:
                 return
-            if job.cancelled:
+            if not job.claim():
                 self._m("cancelled", 0)
                 job.sink("cancelled", None)
                 continue

@@ -20,14 +20,17 @@ The connection is shared by threads behind a lock.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 import sqlite3
-import struct
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from .hashing import answer_key, ids_hash, text_hash
+from .store_api import AnswerRecord, ConversationStore, StoreUnavailable, redact_url
+
+__all__ = ["SQLiteConversationStore", "open_store", "ConversationStore", "AnswerRecord", "StoreUnavailable", "redact_url"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -56,60 +59,18 @@ CREATE INDEX IF NOT EXISTS answers_by_content ON answers (model, content_hash, c
 """
 
 
-class IdsHasher:
-    """Incremental SHA-256 of a token id sequence (little-endian uint32 each)."""
+class SQLiteConversationStore:
+    """Thread-safe SQLite store. `path=None` or ":memory:" keeps it in memory (no restarts).
 
-    def __init__(self, ids: list[int] | None = None):
-        self._h = hashlib.sha256()
-        if ids:
-            self.update(ids)
-
-    def update(self, ids: list[int]) -> "IdsHasher":
-        if ids:
-            self._h.update(struct.pack(f"<{len(ids)}I", *ids))
-        return self
-
-    def copy(self) -> "IdsHasher":
-        out = IdsHasher()
-        out._h = self._h.copy()
-        return out
-
-    def hexdigest(self) -> str:
-        return self._h.hexdigest()
-
-
-def ids_hash(ids: list[int]) -> str:
-    return IdsHasher(ids).hexdigest()
-
-
-def text_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _answer_key(model: str, prompt_hash: str, content_hash: str) -> str:
-    return hashlib.sha256(f"{model}\0{prompt_hash}\0{content_hash}".encode()).hexdigest()
-
-
-class StoreUnavailable(RuntimeError):
-    """The conversation store cannot be reached (answered with 503 + Retry-After)."""
-
-
-@dataclass
-class AnswerRecord:
-    token_ids: list[int]
-    conversation_id: str
-    prompt_len: int
-    exact: bool  # found by (prompt, text), not by the text alone
-
-
-class ConversationStore:
-    """Thread-safe SQLite store. `path=None` or ":memory:" keeps it in memory (no restarts)."""
+    The file holds conversation text: it is created readable by its owner only (SQLite
+    gives its -wal and -shm files the same mode)."""
 
     def __init__(self, path: str | Path | None = None):
         self.path = str(path) if path else ":memory:"
         if self.path != ":memory:":
             Path(self.path).expanduser().parent.mkdir(parents=True, exist_ok=True)
             self.path = str(Path(self.path).expanduser())
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         if self.path != ":memory:":
@@ -164,7 +125,7 @@ class ConversationStore:
                     cur.execute(
                         "INSERT OR REPLACE INTO answers (key, model, prompt_hash, content_hash, prompt_len, conversation_id, token_ids, created)"
                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (_answer_key(model, ph, ch), model, ph, ch, len(prompt_ids), conversation_id, json.dumps(list(answer_ids)), now),
+                        (answer_key(model, ph, ch), model, ph, ch, len(prompt_ids), conversation_id, json.dumps(list(answer_ids)), now),
                     )
                 cur.execute("COMMIT")
             except BaseException:
@@ -179,7 +140,7 @@ class ConversationStore:
         with self._lock:
             row = self._db.execute(
                 "SELECT token_ids, conversation_id, prompt_len FROM answers WHERE key = ?",
-                (_answer_key(model, prompt_hash, ch),),
+                (answer_key(model, prompt_hash, ch),),
             ).fetchone()
             exact = row is not None
             if row is None:
@@ -213,24 +174,12 @@ class ConversationStore:
         return {"conversations": c, "answers": a}
 
 
-def redact_url(url: str) -> str:
-    """A store URL fit for logs and error messages: any password replaced by ***."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return parts._replace(netloc=user + host).geturl()
-
-
-def open_store(location: str | Path | None):
+def open_store(location: str | Path | None) -> ConversationStore:
     """The conversation store at `location`: a `redis://` / `rediss://` / `unix://` URL gives
     the shared Redis store (redis_store.py); a file path (or `sqlite:///path`) gives SQLite;
     None or ":memory:" an in-memory SQLite store (nothing survives a restart)."""
     if location is None:
-        return ConversationStore(None)
+        return SQLiteConversationStore(None)
     loc = str(location)
     if loc.startswith(("redis://", "rediss://", "unix://")):
         from .redis_store import RedisConversationStore
@@ -240,4 +189,4 @@ def open_store(location: str | Path | None):
         loc = loc[len("sqlite:///"):]
     elif "://" in loc:
         raise ValueError(f"unknown store URL {loc!r}: use a SQLite file path, sqlite:///PATH or redis://HOST:PORT/DB")
-    return ConversationStore(loc)
+    return SQLiteConversationStore(loc)
