@@ -13,15 +13,16 @@ by default to the physical cores this process may use. The budget goes to
 So nothing oversubscribes the cores: on a busy machine oversubscribed OpenMP barriers
 wait whole scheduler ticks (issue 17 measured a 4x slower time to first token).
 
-:func:`intra_op_threads` narrows torch's count for a block and restores it. torch's
-setting is per OS thread for threads that already exist (OpenMP and MKL keep it per
-thread), but threads created inside the block start with the narrowed count. That is
-why the native kernels get their worker count from :func:`budget`, never from
-``torch.get_num_threads()`` inside such a block.
+:func:`intra_op_threads` narrows torch's count for a block and restores it. With
+torch's OpenMP backend the setting is per OS thread for threads that already use torch
+(OpenMP and MKL keep it per thread), but a thread whose first torch use falls inside the
+block starts with the narrowed count. That is why the native kernels get their worker
+count from :func:`budget`, never from ``torch.get_num_threads()`` inside such a block.
 """
 
 from __future__ import annotations
 
+import numbers
 import os
 from contextlib import contextmanager
 
@@ -63,8 +64,9 @@ def check_threads(value) -> int:
         if not text.lstrip("+-").isdigit():
             raise ValueError(f"threads must be a positive integer, got {value!r}")
         value = int(text)
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"threads must be a positive integer, got {value!r}")
+    value = int(value)
     if value < 1:
         raise ValueError(f"threads must be at least 1, got {value}")
     return value
