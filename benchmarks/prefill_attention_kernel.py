@@ -39,6 +39,9 @@ from loopserve.attention import (
     select_lines,
     sparse_prefill_attention,
 )
+from loopserve.cli_options import thread_count
+from loopserve.native import native_kernels
+from loopserve.threads import configure as configure_threads
 
 REGIMES = {
     "banded": dict(local=12.0, heavy_frac=0.02, heavy=8.0, sink=10.0, noise=0.3, local_pairs=8),
@@ -104,7 +107,7 @@ def synthetic_qkv(
 
 
 def run(n: int, N: int, regime: str, alpha: float, repeat: int, threads: int, dtype: torch.dtype) -> dict:
-    torch.set_num_threads(threads)
+    configure_threads(threads)
     q, k, v = synthetic_qkv(n=n, N=N, dtype=dtype, **REGIMES[regime])
     fns = {
         "dense": lambda: dense_prefill_attention(q, k, v),
@@ -150,13 +153,11 @@ def main() -> None:
     ap.add_argument("--regime", nargs="*", default=list(REGIMES), choices=list(REGIMES))
     ap.add_argument("--alpha", type=float, default=0.9)
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=thread_count, default=2)
     ap.add_argument("--bf16", action="store_true")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    from loopserve.attention.sparse import _native_usable
-
-    print(f"native slash kernel: {'yes' if _native_usable(64) else 'no (pure torch)'}", flush=True)
+    print(f"native slash kernel: {'yes' if native_kernels() is not None else 'no (pure torch)'}", flush=True)
     for regime in args.regime:
         for n in args.n or [args.N, args.N // 4]:
             r = run(n, args.N, regime, args.alpha, args.repeat, args.threads, dtype)

@@ -3,7 +3,18 @@ import copy
 import pytest
 import torch
 
-torch.set_num_threads(2)
+from loopserve import threads
+
+TEST_THREADS = 2
+threads.configure(TEST_THREADS)  # the tests' thread budget, whatever the machine (Engine() keeps it)
+
+
+@pytest.fixture(autouse=True)
+def _restore_thread_budget():
+    """A test that configures another budget (--threads, Engine(threads=...)) does not leak it."""
+    yield
+    if threads.budget() != TEST_THREADS:
+        threads.configure(TEST_THREADS)
 
 TINY = ["tiny-llama", "tiny-qwen2", "tiny-qwen3"]
 

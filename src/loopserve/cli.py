@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .cli_options import add_common_options, apply_common_options
+
 
 def _knobs(pairs: list[str] | None) -> dict:
     from .engine.registry import parse_knobs
@@ -26,6 +28,7 @@ def _model_args(p: argparse.ArgumentParser, method: str = "dense") -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--method", default=method, help="method name (see `loopserve methods`), or PREFILL+DECODE")
     p.add_argument("--knob", action="append", metavar="NAME=VALUE", help="method knob, repeatable (e.g. alpha=0.9)")
+    add_common_options(p)
 
 
 def cmd_chat(args) -> int:
@@ -198,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list prefill and decode methods")
     p.add_argument("--json", action="store_true")
+    add_common_options(p)
     p.set_defaults(func=cmd_methods)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
@@ -259,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        apply_common_options(args)  # the thread budget, before any model loads
         return args.func(args) or 0
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from loopserve import threads
 from loopserve.bench.decode import run_decode
 from loopserve.engine import Engine
 from loopserve.models import load_model
@@ -21,6 +22,7 @@ def test_decode_bench_reports_dense_ours_floor_and_selection(engine):
                 "floor_tpot_ms", "ceiling_speedup", "transformers_dense_tpot_ms"):
         assert key in r
     assert r["dense_tpot_ms"] > 0 and r["loopserve_tpot_ms"] > 0
+    assert r["threads"] == threads.budget() and r["dtype"] == "float32"
     # The report rounds every figure to 0.01: the speed-up is computed before rounding, so it may
     # differ from the ratio of the rounded times by the rounding of all three (propagated).
     d, ours = r["dense_tpot_ms"], r["loopserve_tpot_ms"]

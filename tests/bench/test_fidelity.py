@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from loopserve import threads
 from loopserve.bench.fidelity import fidelity_prompts, run_fidelity
 from loopserve.engine import Engine
 from loopserve.models import load_model
@@ -20,6 +21,7 @@ def test_dense_matches_itself_and_methods_share_references(engine):
                      max_new_tokens=8, position="front")
     assert r["by_method"]["dense"] == {"rouge_l_vs_dense": 1.0, "identical_answers": 2}
     assert r["rouge_l_vs_dense"] == 1.0 and r["method"] == "dense"
+    assert r["threads"] == threads.budget() and r["dtype"] == "float32"
     assert set(r["rows"][0]["methods"]) == {"dense", "dense+snapkv"}
     assert 0.0 <= r["by_method"]["dense+snapkv"]["rouge_l_vs_dense"] <= 1.0
 

@@ -154,13 +154,16 @@ def test_smoke_report(smoke):
 # --------------------------------------------------------------------------- resume
 
 
-def test_rerun_skips_finished_units_and_leaves_the_file_identical(smoke, data_dir, tmp_path, chat_calls):
+def test_rerun_skips_finished_units_and_leaves_the_file_identical(smoke, data_dir, tmp_path, chat_calls, capsys):
     results = tmp_path / "results.jsonl"
     shutil.copy(smoke[0], results)
     before = results.read_bytes()
-    assert main(run_args(data_dir, results)) == 0
+    capsys.readouterr()
+    assert main(run_args(data_dir, results, extra=("--threads", "1"))) == 0
     assert chat_calls == []
     assert results.read_bytes() == before
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["units_run"] == 0 and summary["threads"] == 1 and summary["dtype"] == "float32"
 
 
 def test_rerun_redoes_only_the_unfinished_unit(smoke, data_dir, tmp_path, chat_calls):

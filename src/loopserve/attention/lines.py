@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import ctypes
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from ..native import native_kernels
+from ..threads import intra_op_threads
 
 __all__ = [
     "CoverResult",
@@ -50,28 +52,6 @@ __all__ = [
     "probe_rows",
     "select_lines",
 ]
-
-
-@contextmanager
-def _intra_op_threads(n: int):
-    """Run a block with ``n`` intra-op threads, then restore the previous count.
-
-    The greedy rounds and the kernel's bookkeeping are long sequences of small tensor
-    ops. Run on several OpenMP threads, each op ends in a barrier, and on a loaded
-    machine (other processes on the same cores) every barrier can wait a scheduler tick
-    for a descheduled thread: measured 3-5x slower than one thread. The few large ops
-    (matmuls, fused attention) re-enter the full thread count explicitly. Toggling costs
-    ~0.1 us.
-    """
-    previous = torch.get_num_threads()
-    if n == previous:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------------------
@@ -305,11 +285,11 @@ def greedy_cover(
     run is cut where ``alpha`` (or ``max_lines``) is reached, the other kind's gains are
     updated with one vectorised scatter, and the next round starts. Rounds = kind
     alternations, from a few dozen to several hundred on real activations. Gains are
-    fp64. Where the native kernels of :mod:`loopserve.attention.sparse` build, the rounds
+    fp64. Where the native kernels of :mod:`loopserve.native` build, the rounds
     run in C (the same rule, ~10-20 us a round); otherwise on numpy views (~40 small
     numpy ops, ~150-300 us a round on the 2-core box).
     """
-    with _intra_op_threads(1):  # hundreds of tiny ops: no gain from threads (see helper)
+    with intra_op_threads(1):  # hundreds of tiny ops: no gain from threads (see helper)
         return _greedy_cover(A, pos, alpha, max_lines, forced_vertical, forced_slash, eps)
 
 
@@ -463,10 +443,9 @@ def _greedy_cover(
 
 
 def _native_greedy():
-    """The C version of the greedy rounds (compiled with the sparse kernel), or None."""
-    from .sparse import _native_greedy as get  # late import: sparse imports this module
-
-    return get()
+    """The C version of the greedy rounds (loopserve/native/greedy_cover.c), or None."""
+    kernels = native_kernels()
+    return kernels.greedy_rounds if kernels is not None else None
 
 
 # --------------------------------------------------------------------------------------
@@ -504,8 +483,8 @@ def select_lines(
     forced_vertical, forced_slash = torch.arange(min(sinks, N)), torch.arange(min(local, N))
     # Single-threaded on purpose: the probe is ~30 ms of small matmuls on one core and the
     # greedy is hundreds of tiny steps; on a machine shared with other work, extra threads
-    # cost far more in barrier waits than they save (measured 10x; see _intra_op_threads).
-    with _intra_op_threads(1):
+    # cost far more in barrier waits than they save (measured 10x; see loopserve.threads).
+    with intra_op_threads(1):
         A, pos = probe_attention(q, k, rows, per_query_head=per_query_head, scale=scale)
         cover = _greedy_cover(A, pos, alpha, None, forced_vertical, forced_slash, 1e-12, causal_zero=True)
     vertical = [m.nonzero().flatten() for m in cover.vertical]

@@ -43,23 +43,17 @@ statistics and the merge are fp32.
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .lines import LinePattern, _intra_op_threads
+from ..native import native_kernels
+from ..threads import budget, intra_op_threads
+from .lines import LinePattern
 
 __all__ = ["dense_prefill_attention", "sparse_prefill_attention"]
 
@@ -78,436 +72,35 @@ _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 #
 # A slash cell reads a different key for every row, so it has no matmul form: each cell
 # is one D-long dot product and one D-long axpy. In torch ops that costs ~30-40 ns per
-# cell (every step streams a (G, rows, D) temporary); the C kernel below puts 16 rows in
-# the lanes of a vector register (their keys at one offset are contiguous) and does it in
-# ~4 ns per (query head, cell), verticals included. It is generated per (G, D) so the
-# score and value tiles stay in registers, compiled once per machine with the system C
-# compiler (-O3 -march=native; seconds, no torch headers), cached, and called through
-# ctypes, which releases the GIL so row ranges run on ``torch.get_num_threads()`` Python
-# threads. Without a compiler, or with
-# ``LOOPSERVE_NATIVE=0``, the pure-torch path is used; both give the same result up to
-# fp32 rounding (the kernel's exp is a ~1 ulp polynomial).
+# cell (every step streams a (G, rows, D) temporary); the C kernel
+# (loopserve/native/slash_attention.c) puts 16 rows in the lanes of a vector register
+# (their keys at one offset are contiguous) and does it in ~4 ns per (query head, cell),
+# verticals included. It is built once per machine by loopserve.native and called
+# through ctypes, which releases the GIL, so row ranges run on the thread budget's
+# Python threads. Without a compiler, or with ``LOOPSERVE_NATIVE=0``, the pure-torch
+# path is used; both give the same result up to fp32 rounding (the kernel's exp is a
+# ~1 ulp polynomial).
 
-_NATIVE_HEAD = r"""
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-/* Row-vectorised slash attention. W = 16 consecutive rows share one vector register
-   lane each: for offset o, their keys are the contiguous keys pos_0 - o .. pos_0 - o + 15,
-   so with K, V stored transposed (d-major) every load is one contiguous vector and the
-   dot products, softmax and value sums are plain vertical vector arithmetic (no
-   horizontal reductions). The G query heads of a KV head share every K/V load. */
-
-#define W 16
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
-typedef float vfu __attribute__((vector_size(W * 4), aligned(4)));
-
-static inline vf ld(const float *p) { return *(const vfu *)p; }
-/* Load once into a register: without this the compiler folds the load into each of the
-   G FMAs that use it, and the loop becomes bound by loads instead of FMAs. */
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__AVX512F__)
-#define KEEP(x) __asm__("" : "+v"(x)) /* a 16-float vector is one zmm register */
-#else
-#define KEEP(x) ((void)0)
-#endif
-static inline void st(float *p, vf x) { *(vfu *)p = x; }
-static inline vf splat(float x) { return (vf){0} + x; }
-static inline vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
-static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
-
-/* exp(x), exactly 0 for x < -87 (and -inf); Cody-Waite + degree-6 polynomial (~1 ulp). */
-static inline vf vexp(vf x) {
-    vi ok = x >= splat(-87.0f);
-    x = vmax(x, splat(-87.0f));
-    vf t = x * splat(1.44269504088896341f) + splat(12582912.0f);
-    vf n = t - splat(12582912.0f);
-    vf r = x - n * splat(0.693145751953125f) - n * splat(1.428606765330187045e-06f);
-    vf p = splat(0.0013888889f);
-    p = p * r + splat(0.008333334f);
-    p = p * r + splat(0.041666668f);
-    p = p * r + splat(0.16666667f);
-    p = p * r + splat(0.5f);
-    p = p * r + splat(1.0f);
-    p = p * r + splat(1.0f);
-    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-    return (vf)((vi)(p * (vf)e) & ok);
-}
-
-#define TC 32 /* offsets per online-softmax chunk */
-
-"""
-
-# One specialisation per (G, D): with compile-time sizes the score and value tiles
-# (G x TT and G x DT vectors) live in registers.
-_NATIVE_BLOCK = r"""
-static void blk_G_D(
-           const float *qT, int64_t Rq, const float *KT, const float *VT, const float *bias, int64_t ldk,
-           const int64_t *offsets, int64_t m, const float *kv, const float *vv, const int64_t *vkey, int64_t nv,
-           int64_t p0, int64_t pad, int64_t r, float *S, float *acc, float *out, float *lse) {
-    enum { G = GG, D = DD, TT = TTT, DT = DTT };
-    /* qT: (G, D, Rq), out: (G, Rq, D); row block r .. r+W-1. S: G*(TC+8)*W, acc: G*D*W.
-       Verticals first (kv, vv: (nv, D) gathered rows, one key for all lanes), then slashes
-       (a contiguous key vector per offset); one online softmax over both. */
-    const int64_t pos0 = p0 + r, base = pad + pos0;
-    int64_t mt = 0, nvt = 0;
-    while (mt < m && offsets[mt] <= pos0 + W - 1) ++mt;
-    while (nvt < nv && vkey[nvt] <= pos0 + W - 1) ++nvt;
-    vi lane_pos;
-    for (int i = 0; i < W; ++i) lane_pos[i] = (int32_t)(pos0 + i);
-    vf mrun[G], lrun[G];
-    for (int g = 0; g < G; ++g) { mrun[g] = splat(-INFINITY); lrun[g] = splat(0.0f); }
-    memset(acc, 0, sizeof(float) * G * D * W);
-    const int64_t total = nvt + mt;
-    for (int64_t c0 = 0, nc = 0; c0 < total; c0 += nc) {
-        /* a chunk is all verticals or all slashes */
-        const int vert = c0 < nvt;
-        const int64_t lim = vert ? nvt : total;
-        nc = lim - c0 < TC ? lim - c0 : TC;
-        const int64_t s0 = c0 - nvt; /* first slash index of a slash chunk */
-        if (vert) {
-            for (int64_t t = 0; t < nc; t += TT) {
-                const int tt_n = nc - t < TT ? (int)(nc - t) : TT;
-                const float *kr[TT];
-                for (int u = 0; u < TT; ++u) kr[u] = kv + (c0 + t + (u < tt_n ? u : 0)) * D;
-                vf s[G][TT];
-#pragma GCC unroll 16
-                for (int g = 0; g < G; ++g)
-#pragma GCC unroll 16
-                    for (int u = 0; u < TT; ++u) s[g][u] = splat(0.0f);
-                for (int d = 0; d < D; ++d) {
-                    vf qv[G];
-#pragma GCC unroll 16
-                    for (int g = 0; g < G; ++g) qv[g] = ld(qT + ((int64_t)g * D + d) * Rq + r);
-#pragma GCC unroll 16
-                    for (int u = 0; u < TT; ++u) {
-                        vf kb = splat(kr[u][d]);
-                        KEEP(kb);
-#pragma GCC unroll 16
-                        for (int g = 0; g < G; ++g) s[g][u] += qv[g] * kb;
-                    }
-                }
-#pragma GCC unroll 16
-                for (int u = 0; u < TT; ++u) {
-                    const int64_t key = vkey[c0 + t + (u < tt_n ? u : 0)];
-                    vi ok = lane_pos >= (vi){0} + (int32_t)key;
-                    vf b = vsel(ok, splat(0.0f), splat(-INFINITY));
-#pragma GCC unroll 16
-                    for (int g = 0; g < G; ++g) st(S + ((int64_t)g * (TC + 8) + t + u) * W, s[g][u] + b);
-                }
-            }
-        } else {
-            for (int64_t t = 0; t < nc; t += TT) {
-                const int tt_n = nc - t < TT ? (int)(nc - t) : TT;
-                int64_t kb[TT];
-                for (int u = 0; u < TT; ++u) kb[u] = base - offsets[s0 + t + (u < tt_n ? u : 0)];
-                vf s[G][TT];
-#pragma GCC unroll 16
-                for (int g = 0; g < G; ++g)
-#pragma GCC unroll 16
-                    for (int u = 0; u < TT; ++u) s[g][u] = splat(0.0f);
-                for (int d = 0; d < D; ++d) {
-                    vf qv[G];
-#pragma GCC unroll 16
-                    for (int g = 0; g < G; ++g) qv[g] = ld(qT + ((int64_t)g * D + d) * Rq + r);
-                    const float *kd = KT + (int64_t)d * ldk;
-#pragma GCC unroll 16
-                    for (int u = 0; u < TT; ++u) {
-                        vf kx = ld(kd + kb[u]);
-                        KEEP(kx);
-#pragma GCC unroll 16
-                        for (int g = 0; g < G; ++g) s[g][u] += qv[g] * kx;
-                    }
-                }
-#pragma GCC unroll 16
-                for (int u = 0; u < TT; ++u) {
-                    vf b = ld(bias + kb[u]);
-#pragma GCC unroll 16
-                    for (int g = 0; g < G; ++g) st(S + ((int64_t)g * (TC + 8) + t + u) * W, s[g][u] + b);
-                }
-            }
-        }
-        /* online softmax */
-        vf corr[G];
-        for (int g = 0; g < G; ++g) {
-            float *Sg = S + (int64_t)g * (TC + 8) * W;
-            vf cm = ld(Sg);
-            for (int64_t u = 1; u < nc; ++u) cm = vmax(cm, ld(Sg + u * W));
-            vf nm = vmax(mrun[g], cm);
-            vf safe = vsel(nm == splat(-INFINITY), splat(0.0f), nm);
-            corr[g] = vexp(mrun[g] - safe);
-            vf sum = splat(0.0f);
-            for (int64_t u = 0; u < nc; ++u) {
-                vf p = vexp(ld(Sg + u * W) - safe);
-                st(Sg + u * W, p);
-                sum += p;
-            }
-            lrun[g] = lrun[g] * corr[g] + sum;
-            mrun[g] = nm;
-        }
-        /* values */
-        for (int d0 = 0; d0 < D; d0 += DT) {
-            vf a[G][DT];
-#pragma GCC unroll 16
-            for (int g = 0; g < G; ++g)
-#pragma GCC unroll 16
-                for (int e = 0; e < DT; ++e) a[g][e] = ld(acc + ((int64_t)g * D + d0 + e) * W) * corr[g];
-            if (vert) {
-                for (int64_t u = 0; u < nc; ++u) {
-                    const float *vr = vv + (c0 + u) * D + d0;
-                    vf pv[G];
-#pragma GCC unroll 16
-                    for (int g = 0; g < G; ++g) pv[g] = ld(S + ((int64_t)g * (TC + 8) + u) * W);
-#pragma GCC unroll 16
-                    for (int e = 0; e < DT; ++e) {
-                        vf vx = splat(vr[e]);
-                        KEEP(vx);
-#pragma GCC unroll 16
-                        for (int g = 0; g < G; ++g) a[g][e] += pv[g] * vx;
-                    }
-                }
-            } else {
-                for (int64_t u = 0; u < nc; ++u) {
-                    const int64_t vb = base - offsets[s0 + u];
-                    vf pv[G];
-#pragma GCC unroll 16
-                    for (int g = 0; g < G; ++g) pv[g] = ld(S + ((int64_t)g * (TC + 8) + u) * W);
-#pragma GCC unroll 16
-                    for (int e = 0; e < DT; ++e) {
-                        vf vx = ld(VT + (int64_t)(d0 + e) * ldk + vb);
-                        KEEP(vx);
-#pragma GCC unroll 16
-                        for (int g = 0; g < G; ++g) a[g][e] += pv[g] * vx;
-                    }
-                }
-            }
-#pragma GCC unroll 16
-            for (int g = 0; g < G; ++g)
-#pragma GCC unroll 16
-                for (int e = 0; e < DT; ++e) st(acc + ((int64_t)g * D + d0 + e) * W, a[g][e]);
-        }
-    }
-    for (int g = 0; g < G; ++g) {
-        float lv[W], mv[W], inv[W];
-        st(lv, lrun[g]);
-        st(mv, mrun[g]);
-        for (int i = 0; i < W; ++i) {
-            inv[i] = lv[i] > 0.0f ? 1.0f / lv[i] : 0.0f;
-            lse[(int64_t)g * Rq + r + i] = lv[i] > 0.0f ? mv[i] + logf(lv[i]) : -INFINITY;
-        }
-        const float *ag = acc + (int64_t)g * D * W;
-        float *og = out + ((int64_t)g * Rq + r) * D;
-        for (int i = 0; i < W; ++i)
-            for (int d = 0; d < D; ++d) og[i * D + d] = ag[d * W + i] * inv[i];
-    }
-}
-"""
-
-_NATIVE_TAIL = r"""
-typedef void (*blk_fn)(const float *, int64_t, const float *, const float *, const float *, int64_t,
-                       const int64_t *, int64_t, const float *, const float *, const int64_t *, int64_t, int64_t,
-                       int64_t, int64_t, float *, float *, float *, float *);
-static const blk_fn table64[8] = {blk_1_64, blk_2_64, blk_3_64, blk_4_64, blk_5_64, blk_6_64, blk_7_64, blk_8_64};
-static const blk_fn table128[8] = {blk_1_128, blk_2_128, blk_3_128, blk_4_128,
-                                   blk_5_128, blk_6_128, blk_7_128, blk_8_128};
-
-/* ---- Greedy maximum coverage rounds (see lines._greedy_cover, which this mirrors) ----
-   gain (B, 2, N) fp64: marginal mass of vertical x (kind 0) / slash x (kind 1), -inf once
-   taken; chosen (B, 2, N); A (B, s, N) fp32 probe attention; pos (s) row positions.
-   Each round, per active head: the leading kind's lines with gain >= the other kind's
-   best (and > tol), in gain order, cut where the target or lines_left is reached; taking
-   a line lowers the other kind's gains by the cells they share. Picks are appended to
-   the log. Returns the number of rounds. scr_g/scr_x: N entries; work: 3*B doubles. */
-static int cmp_desc(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x < y) - (x > y);
-}
-
-int64_t greedy_rounds(double *gain, uint8_t *chosen, const float *A, const int64_t *pos, int64_t B, int64_t s,
-                      int64_t N, double *covered, const double *target, const double *tol, int64_t *lines_left,
-                      int64_t *log_b, int64_t *log_k, int64_t *log_x, double *log_g, int64_t *n_log,
-                      double *scr, double *work) {
-    int64_t rounds = 0, nl = *n_log;
-    double *best0 = work, *best1 = work + B;
-    for (;;) {
-        int any = 0;
-        for (int64_t b = 0; b < B; ++b) {
-            const double *g0 = gain + (b * 2) * N, *g1 = g0 + N;
-            double m0 = -INFINITY, m1 = -INFINITY;
-            for (int64_t x = 0; x < N; ++x) { m0 = g0[x] > m0 ? g0[x] : m0; m1 = g1[x] > m1 ? g1[x] : m1; }
-            best0[b] = m0; best1[b] = m1;
-            double best = m0 >= m1 ? m0 : m1;
-            any |= covered[b] < target[b] && best > tol[b] && lines_left[b] > 0;
-        }
-        if (!any) break;
-        ++rounds;
-        for (int64_t b = 0; b < B; ++b) {
-            const double m0 = best0[b], m1 = best1[b];
-            const int lead = m0 >= m1 ? 0 : 1;
-            const double best = lead ? m1 : m0, bound = lead ? m0 : m1;
-            if (!(covered[b] < target[b] && best > tol[b] && lines_left[b] > 0)) continue;
-            double *cand = gain + (b * 2 + lead) * N, *other = gain + (b * 2 + 1 - lead) * N;
-            /* run: (gain, x) pairs, sorted by gain descending */
-            int64_t nr = 0;
-            for (int64_t x = 0; x < N; ++x)
-                if (cand[x] >= bound && cand[x] > tol[b]) { scr[2 * nr] = cand[x]; scr[2 * nr + 1] = (double)x; ++nr; }
-            qsort(scr, (size_t)nr, 2 * sizeof(double), cmp_desc);
-            const double remaining = target[b] - covered[b];
-            double before = 0.0;
-            int64_t taken = 0;
-            for (int64_t i = 0; i < nr; ++i) {
-                if (!(before < remaining) || taken >= lines_left[b]) break;
-                const double g = scr[2 * i];
-                const int64_t x = (int64_t)scr[2 * i + 1];
-                before += g;
-                ++taken;
-                const double gp = g > 0.0 ? g : 0.0;
-                log_b[nl] = b; log_k[nl] = lead; log_x[nl] = x; log_g[nl] = gp; ++nl;
-                covered[b] += gp;
-                cand[x] = -INFINITY;
-                chosen[(b * 2 + lead) * N + x] = 1;
-                const float *Ab = A + b * s * N;
-                for (int64_t r = 0; r < s; ++r) {
-                    const int64_t ox = pos[r] - x;
-                    if (ox < 0) continue;
-                    other[ox] -= (double)Ab[r * N + (lead == 0 ? x : ox)];
-                }
-            }
-            lines_left[b] -= taken;
-        }
-    }
-    *n_log = nl;
-    return rounds;
-}
-
-int slash_supported(int64_t G, int64_t D) { return G >= 1 && G <= 8 && (D == 64 || D == 128); }
-
-/* Rows [r0, r1) (multiples of 16) of one KV head, over its verticals and slashes.
-   qT (G, D, Rq) pre-scaled queries, transposed (Rq a multiple of 16); KT, VT (D, ldk):
-   K/V transposed with `pad` zero keys in front (key j at column pad + j) and >= 16 zero
-   keys behind; bias (ldk): 0 for keys a slash may use, -inf for the front padding and
-   for vertical keys (a vertical/slash intersection belongs to the vertical);
-   offsets ascending (m), pad >= the largest; kv, vv (nv, D): the K/V rows of the
-   verticals, keys vkey ascending (nv); row r sits at position p0 + r.
-   scratch: G*(TC + 8 + D)*16 floats. Writes out (G, Rq, D) and lse (G, Rq) (-inf for rows without a cell). */
-void slash_attention(const float *qT, int64_t Rq, const float *KT, const float *VT, const float *bias,
-                     int64_t ldk, const int64_t *offsets, int64_t m, const float *kv, const float *vv,
-                     const int64_t *vkey, int64_t nv, int64_t G, int64_t D, int64_t p0,
-                     int64_t pad, int64_t r0, int64_t r1, float *scratch, float *out, float *lse) {
-    blk_fn f = (D == 64 ? table64 : table128)[G - 1];
-    float *S = scratch, *acc = scratch + G * (TC + 8) * W;
-    for (int64_t r = r0; r < r1; r += W)
-        f(qT, Rq, KT, VT, bias, ldk, offsets, m, kv, vv, vkey, nv, p0, pad, r, S, acc, out, lse);
-}
-"""
-
-# (G, score tile TT, value tile DT): G*TT and G*DT accumulators stay within ~24 of the 32
-# vector registers; DT must divide D.
-_NATIVE_SPECS = [(1, 8, 16), (2, 8, 8), (3, 8, 8), (4, 6, 4), (5, 4, 4), (6, 4, 4), (7, 3, 2), (8, 3, 2)]
-_NATIVE_SOURCE = "\n".join(
-    [_NATIVE_HEAD]
-    + [
-        _NATIVE_BLOCK.replace("blk_G_D", f"blk_{g}_{d}").replace(
-            "G = GG, D = DD, TT = TTT, DT = DTT", f"G = {g}, D = {d}, TT = {tt}, DT = {dt}"
-        )
-        for d in (64, 128)
-        for g, tt, dt in _NATIVE_SPECS
-    ]
-    + [_NATIVE_TAIL]
-)
-_NATIVE_MAX_G = 8
-_NATIVE_DIMS = (64, 128)
-_NATIVE_TC = 32  # TC in the C source
-
-
-_native_lock = threading.Lock()
-_native_state: dict = {}
-
-
-def _native_cache_dir() -> Path:
-    root = os.environ.get("LOOPSERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "loopserve")
-    try:
-        Path(root).mkdir(parents=True, exist_ok=True)
-        return Path(root)
-    except OSError:
-        return Path(tempfile.gettempdir())
-
-
-def _cpu_signature() -> str:
-    """Identifies the CPU features ``-march=native`` compiled for."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + flags
-
-
-def _native_kernel():
-    """The compiled slash kernel (a ctypes function), or None if unavailable."""
-    with _native_lock:
-        if "fn" in _native_state:
-            return _native_state["fn"]
-        fn = None
-        if os.environ.get("LOOPSERVE_NATIVE", "1") != "0":
-            try:
-                fn = _build_native()
-            except Exception:  # no compiler, read-only cache, odd platform: fall back
-                fn = None
-        _native_state["fn"] = fn
-        return fn
-
-
-def _build_native():
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        return None
-    flags = ["-O3", "-march=native", "-shared", "-fPIC"]
-    tag = hashlib.sha256((_NATIVE_SOURCE + " ".join(flags) + _cpu_signature()).encode()).hexdigest()[:16]
-    cache = _native_cache_dir()
-    lib_path = cache / f"loopserve_slash_{tag}.so"
-    if not lib_path.exists():
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            src = Path(tmp) / "slash.c"
-            src.write_text(_NATIVE_SOURCE)
-            out = Path(tmp) / "slash.so"
-            subprocess.run([cc, *flags, "-o", str(out), str(src), "-lm"], check=True, capture_output=True, timeout=120)
-            os.replace(out, lib_path)  # atomic: concurrent builders are harmless
-    lib = ctypes.CDLL(str(lib_path))
-    fn = lib.slash_attention
-    fn.restype = None
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr]
-    greedy = lib.greedy_rounds
-    greedy.restype = i64
-    greedy.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
-    _native_state["greedy"] = greedy
-    return fn
-
-
-def _native_greedy():
-    """The compiled greedy round loop (used by lines._greedy_cover), or None."""
-    _native_kernel()
-    return _native_state.get("greedy")
-
-
+_pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 
 
-def _thread_pool(workers: int) -> ThreadPoolExecutor:
-    global _pool
-    with _native_lock:
-        if _pool is None or _pool._max_workers < workers:  # noqa: SLF001 - sizing only
+def _thread_pool(size: int) -> ThreadPoolExecutor:
+    """The native kernel's pool, ``size`` (the thread budget) threads; rebuilt when it changes."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != size:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loopserve-slash")
+            _pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="loopserve-slash")
+            _pool_size = size
         return _pool
 
 
 def _native_usable(D: int, G: int = 1) -> bool:
-    return D in _NATIVE_DIMS and 1 <= G <= _NATIVE_MAX_G and _native_kernel() is not None
+    kernels = native_kernels()
+    return kernels is not None and bool(kernels.slash_supported(G, D))
 
 
 def dense_prefill_attention(
@@ -554,11 +147,11 @@ def _attend(
     S = k.shape[2]
     if _flash_cpu is not None and q.device.type == "cpu":
         try:
-            with _intra_op_threads(threads):
+            with intra_op_threads(threads):
                 return _flash_cpu(q, k.expand(B, G, S, D), v.expand(B, G, S, D), attn_mask=mask, scale=scale)
         except (RuntimeError, NotImplementedError):  # pragma: no cover - older/odd builds
             pass
-    with _intra_op_threads(threads):  # pragma: no cover
+    with intra_op_threads(threads):  # pragma: no cover
         s = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
     if mask is not None:  # pragma: no cover
         s = s + mask.float()
@@ -740,7 +333,7 @@ def _window_part(qb, kpad, vpad, plan: _HeadPlan, p0, chunk, scale, threads):
 
 def _sliced_part(qb, kf, vf, plan: _HeadPlan, p0, scale, threads):
     """Isolated slashes of a block of rows (torch path); ``kf``/``vf``: padded K/V in fp32."""
-    with _intra_op_threads(threads):  # large elementwise ops: worth the threads
+    with intra_op_threads(threads):  # large elementwise ops: worth the threads
         return _sliced_torch(qb, kf, vf, plan, p0, scale)
 
 
@@ -750,10 +343,13 @@ def _native_part(qb, kT, vT, kvert, vvert, plan: _HeadPlan, p0, scale, threads):
     ``kT``/``vT``: padded K/V, fp32, transposed ``(D, keys)``; ``kvert``/``vvert``: the
     verticals' K/V rows, fp32 ``(nv, D)``. The kernel reads transposed queries
     ``(G, D, rows)`` (rows in vector lanes) and writes the output as ``(G, rows, D)``.
-    16-row blocks are split over ``threads`` Python threads (ctypes releases the GIL).
+    16-row blocks are split over up to ``threads`` (the thread budget) Python threads of
+    one shared pool (ctypes releases the GIL).
     """
     G, R, D = qb.shape
-    fn = _native_kernel()
+    kernels = native_kernels()
+    fn = kernels.slash_attention
+    scratch_floats = kernels.slash_scratch_floats(G, D)
     Rq = -(-R // 16) * 16
     q = torch.zeros(G, D, Rq)
     torch.mul(qb.transpose(1, 2), scale, out=q[:, :, :R])
@@ -770,7 +366,7 @@ def _native_part(qb, kT, vT, kvert, vvert, plan: _HeadPlan, p0, scale, threads):
 
     def run(rows: tuple[int, int]) -> None:
         if not hasattr(local, "scratch"):
-            local.scratch = torch.empty(G * (_NATIVE_TC + 8 + D) * 16)
+            local.scratch = torch.empty(scratch_floats)
         fn(q.data_ptr(), Rq, kT.data_ptr(), vT.data_ptr(), plan.bias.data_ptr(), ldk, offs.data_ptr(), len(offs),
            kvert.data_ptr(), vvert.data_ptr(), vkey.data_ptr(), len(vkey), G, D, p0, plan.pad_front, rows[0], rows[1],
            local.scratch.data_ptr(), out.data_ptr(), lse.data_ptr())
@@ -778,7 +374,14 @@ def _native_part(qb, kT, vT, kvert, vvert, plan: _HeadPlan, p0, scale, threads):
     if workers == 1:
         run(ranges[0])
     else:
-        list(_thread_pool(workers).map(run, ranges))
+        pending = iter(ranges)  # shared: each worker takes the next range when it is free
+
+        def drain() -> None:
+            for rows in pending:
+                run(rows)
+
+        for done in [_thread_pool(threads).submit(drain) for _ in range(workers)]:
+            done.result()
     lse = lse[:, :R]
     return out[:, :R], lse, ~torch.isinf(lse[0])
 
@@ -871,10 +474,10 @@ def sparse_prefill_attention(
     native = _native_usable(D, gq) if native is None else bool(native) and _native_usable(D, gq)
 
     out = torch.empty(H, n_pad, D, dtype=dtype)
-    threads = torch.get_num_threads()
+    threads = budget()
     # Bookkeeping runs on one thread; the fused attention calls and the native kernel use
-    # all of them (see lines._intra_op_threads).
-    with _intra_op_threads(1):
+    # the whole thread budget (see loopserve.threads.intra_op_threads).
+    with intra_op_threads(1):
         for h in range(heads):
             if pattern.per_query_head:
                 qh, kvh = slice(h, h + 1), h // G

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..cli_options import add_common_options, apply_common_options
+
 __all__ = ["add_bench_commands", "build_parser", "main"]
 
 
@@ -98,6 +100,7 @@ def cmd_run(args) -> int:
         validate_methods,
     )
     from .schema import POSITIONS
+    from .settings import run_settings
 
     # 1. Names, knobs, numbers: no model, no files.
     try:
@@ -161,7 +164,7 @@ def cmd_run(args) -> int:
         return 130
     except BenchError as exc:
         return _err(str(exc))
-    print(json.dumps(summary.as_dict()))
+    print(json.dumps({**summary.as_dict(), **run_settings(engine)}))
     return 0
 
 
@@ -200,6 +203,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--knob", action="append", metavar="[METHOD:]NAME=VALUE",
                    help="method knob, repeatable; NAME=VALUE goes to every selected method that has it, "
                         "METHOD:NAME=VALUE to one method (e.g. snapkv:budget=1024)")
+    add_common_options(p)
 
 
 def add_bench_commands(bench) -> None:
@@ -212,6 +216,7 @@ def add_bench_commands(bench) -> None:
     p.add_argument("--datasets", default=None, help="comma-separated subset (default: all 11)")
     p.add_argument("--tokenizer", default="smollm2", help="tokenizer that counts tokens (default smollm2)")
     p.add_argument("--source", default=None, help="shared data folder (default: found automatically)")
+    add_common_options(p)
     p.set_defaults(func=cmd_build)
 
     p = bench.add_parser("run", help="play the benchmark conversations; one JSONL record per turn, resumable")
@@ -235,6 +240,7 @@ def add_bench_commands(bench) -> None:
                    help="one or more results JSONL files (default runs/bench/results.jsonl)")
     p.add_argument("--out", default="docs/results", help="output folder (default docs/results)")
     p.add_argument("--reference", default="dense", help="method the others are compared with (default dense)")
+    add_common_options(p)
     p.set_defaults(func=cmd_report)
 
     p = bench.add_parser("sensitivity", help="ablation table and one plot per knob from labelled configurations")
@@ -254,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        apply_common_options(args)
         return args.func(args) or 0
     except (ValueError, FileNotFoundError) as exc:
         return _err(str(exc))

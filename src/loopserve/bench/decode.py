@@ -16,6 +16,7 @@ from ..engine import Engine, SamplingParams
 from ..engine.hook import TurnContext
 from ..engine.registry import resolve_method
 from ..textdata import text_chunks
+from .settings import run_settings
 
 
 def long_prompt(engine: Engine, context: int) -> list[int]:
@@ -94,6 +95,7 @@ def run_decode(engine: Engine, context: int, budget: int = 1024, tokens: int = 6
     return {
         "benchmark": "decode",
         "model": engine.loaded.name,
+        **run_settings(engine),
         "context": len(prompt),
         "budget": budget,
         "n_d": n_d,

@@ -16,6 +16,7 @@ from ..engine import Engine, SamplingParams
 from ..engine.registry import method_knobs
 from ..textdata import shared_data_dir
 from .report import fidelity
+from .settings import run_settings
 
 _FILES = ["natural_question", "scientific_qa", "multidoc_qa", "financial_qa", "meeting_summ", "news_summ", "gov_report_summ"]
 POSITIONS = ("back", "front")
@@ -74,6 +75,7 @@ def run_fidelity(engine: Engine, method: str | list[str], knobs: dict | None = N
     return {
         "benchmark": "fidelity",
         "model": engine.loaded.name,
+        **run_settings(engine),
         "method": methods[0],
         "knobs": knobs,
         "context": context,

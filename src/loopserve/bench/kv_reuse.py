@@ -6,6 +6,7 @@ import statistics
 
 from ..engine import Engine, SamplingParams
 from ..textdata import text_chunks
+from .settings import run_settings
 
 QUESTIONS = [
     "What is the main point of this passage? Answer in one sentence.",
@@ -49,6 +50,7 @@ def run_kv_reuse(engine: Engine, context: int, runs: int = 3, answer_tokens: int
     return {
         "benchmark": "kv-reuse",
         "model": engine.loaded.name,
+        **run_settings(engine),
         "context": context,
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,

@@ -25,6 +25,7 @@ from ..attention.sparse import sparse_prefill_attention
 from ..engine import Engine, SamplingParams
 from ..engine.hook import TurnContext
 from ..textdata import text_chunks
+from .settings import run_settings
 
 
 @dataclass
@@ -139,6 +140,7 @@ def run_prefill_attention(engine: Engine, context: int = 8192, alpha: float = 0.
     return {
         "benchmark": "prefill-attention",
         "model": engine.loaded.name,
+        **run_settings(engine),
         "context": context,
         "new_rows": new_rows or context,
         "alpha": alpha,
@@ -220,4 +222,4 @@ def run_prefill(engine: Engine, context: int = 8192, history: int = 6144, new: i
             "dense_ttft_all_s": [round(x, 3) for x in ttft["dense"]],
             "loopserve_ttft_all_s": [round(x, 3) for x in ttft["loopserve"]],
         }
-    return {"benchmark": "prefill", "model": engine.loaded.name, "runs": runs, "knobs": knobs, **out}
+    return {"benchmark": "prefill", "model": engine.loaded.name, **run_settings(engine), "runs": runs, "knobs": knobs, **out}

@@ -15,6 +15,8 @@ from typing import Iterator
 import torch
 
 from ..cache.session_cache import SessionCache
+from ..threads import configure as configure_threads
+from ..threads import ensure_configured as ensure_threads
 from .hook import TurnContext, install
 from .registry import BoundMethod, resolve_method
 from .sampling import Sampler, SamplingParams
@@ -73,7 +75,13 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 class Engine:
     """A loaded model routed through LoopServe's attention hook, and a session factory."""
 
-    def __init__(self, loaded, method: str = "dense", knobs: dict | None = None):
+    def __init__(self, loaded, method: str = "dense", knobs: dict | None = None, threads: int | None = None):
+        """``threads``: the process's thread budget (:func:`loopserve.threads.configure`);
+        None keeps the one configured before, or configures the default (the physical cores)."""
+        if threads is not None:
+            configure_threads(threads)  # a bad value fails here, before anything else
+        else:
+            ensure_threads()
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer

@@ -8,7 +8,6 @@ safetensors under `$LOOPSERVE_CACHE` (default `~/.cache/loopserve`).
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..paths import cache_root
 from .tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
 
 DEFAULT_MODEL = "smollm2"
@@ -43,7 +43,8 @@ class LoadedModel:
 
 
 def model_cache_dir() -> Path:
-    return Path(os.environ.get("LOOPSERVE_CACHE", Path.home() / ".cache" / "loopserve"))
+    """Where converted models are cached: the LoopServe cache root (see :mod:`loopserve.paths`)."""
+    return cache_root()
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:

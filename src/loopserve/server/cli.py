@@ -10,11 +10,13 @@ import argparse
 import os
 import sys
 
+from ..cli_options import add_common_options, apply_common_options
+
 
 def _default_db() -> str:
-    from ..models.loader import model_cache_dir
+    from ..paths import cache_root
 
-    return str(model_cache_dir() / "server" / "conversations.sqlite")
+    return str(cache_root() / "server" / "conversations.sqlite")
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -44,8 +46,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--address", default=None,
                    help="Ray cluster to join: auto (the cluster this node belongs to) or ray://HOST:PORT; "
                         "default: start a local Ray instance on this machine")
-    g.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per engine replica (torch threads)")
+    g.add_argument("--replica-cpus", type=float, default=1.0,
+                   help="CPUs reserved per engine replica; also its thread budget unless --threads is given")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_common_options(p)  # --threads: with --ray, each engine replica's thread budget
     return p
 
 
@@ -125,7 +129,7 @@ def cmd_serve_ray(args, knobs: dict) -> int:
     from . import ray_app
 
     ray_app.start(dataclasses.asdict(cfg), replicas=args.replicas, address=args.address, host=args.host,
-                  port=args.port, replica_cpus=args.replica_cpus)
+                  port=args.port, replica_cpus=args.replica_cpus, threads=args.threads)
     print(f"loopserve: Ray Serve app {ray_app.APP_NAME!r} with {args.replicas} engine replica(s) of {args.model!r} "
           f"(method {args.method}) on http://{args.host}:{args.port}/v1 - store {redact_url(db)}", file=sys.stderr, flush=True)
     if not local:
@@ -156,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = add_serve_args(argparse.ArgumentParser(prog="python -m loopserve.server", description="LoopServe chat server"))
     args = ap.parse_args(argv)
     try:
+        apply_common_options(args)
         return cmd_serve(args) or 0
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -75,11 +75,10 @@ def _unavailable(exc: BaseException) -> JSONResponse:
 # -- the engine replica ------------------------------------------------------------------------
 class EngineReplica:
     def __init__(self, config: dict, threads: int = 1):
-        import torch
-
+        from ..threads import configure
         from .app import ServerConfig, create_app
 
-        torch.set_num_threads(max(1, int(threads)))
+        configure(threads)  # this replica's thread budget, before its model loads
         self.app = create_app(ServerConfig(**config))
         self.state = self.app.state.loopserve
         self.state.worker.start()
@@ -206,9 +205,11 @@ class Ingress:
 
 
 # -- building and running ------------------------------------------------------------------------
-def build_app(config: dict, replicas: int = 2, replica_cpus: float = 1.0, health_check_period_s: float = 2.0):
+def build_app(config: dict, replicas: int = 2, replica_cpus: float = 1.0, health_check_period_s: float = 2.0,
+              threads: int | None = None):
     """The Serve application: `Ingress` bound to `replicas` engine replicas of `config`
-    (a ServerConfig as a dict; its db_path must be the shared redis:// store)."""
+    (a ServerConfig as a dict; its db_path must be the shared redis:// store). Each replica's
+    thread budget is `threads`, by default its reserved CPUs (`replica_cpus`, rounded)."""
     store = str(config.get("db_path") or "")
     if not store.startswith(("redis://", "rediss://", "unix://")):
         raise ValueError("a multi-replica server needs a shared store: pass a redis:// URL (scripts/redis.sh start), "
@@ -232,12 +233,14 @@ def build_app(config: dict, replicas: int = 2, replica_cpus: float = 1.0, health
     )
     ingress = serve.deployment(Ingress, name="LoopServeIngress", num_replicas=1,
                                ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
-    return ingress.bind(engine.bind(config, threads=max(1, round(replica_cpus))),
+    threads = threads if threads is not None else max(1, round(replica_cpus))
+    return ingress.bind(engine.bind(config, threads=threads),
                         max_body_bytes=int(config.get("max_body_bytes", 8 << 20)))
 
 
 def start(config: dict, *, replicas: int = 2, address: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          replica_cpus: float = 1.0, num_cpus: int | None = None, health_check_period_s: float = 2.0) -> None:
+          replica_cpus: float = 1.0, num_cpus: int | None = None, health_check_period_s: float = 2.0,
+          threads: int | None = None) -> None:
     """Connect to (or start) Ray, start Serve's HTTP proxy on host:port, deploy the app."""
     if not ray.is_initialized():
         if address in (None, "", "local"):
@@ -246,7 +249,8 @@ def start(config: dict, *, replicas: int = 2, address: str | None = None, host: 
         else:
             ray.init(address=address, logging_level=logging.WARNING)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(config, replicas=replicas, replica_cpus=replica_cpus, health_check_period_s=health_check_period_s),
+    serve.run(build_app(config, replicas=replicas, replica_cpus=replica_cpus, health_check_period_s=health_check_period_s,
+                        threads=threads),
               name=APP_NAME, route_prefix="/")
 
 

@@ -1,0 +1,38 @@
+"""Options every command shares (``loopserve ...``, ``python -m loopserve.server``).
+
+Each command's parser gets them from :func:`add_common_options`; its ``main`` applies
+them with :func:`apply_common_options` right after parsing, before any model loads.
+Bad values are argparse errors (exit status 2), raised while parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_common_options", "apply_common_options", "thread_count"]
+
+
+def thread_count(text: str) -> int:
+    """argparse type of ``--threads``: a positive integer."""
+    from .threads import check_threads  # torch is imported only when the option is used
+
+    try:
+        return check_threads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the shared options to one command's parser; returns the parser."""
+    parser.add_argument(
+        "--threads", type=thread_count, default=None, metavar="N",
+        help="threads for torch, the native kernels and the tokenizers together (default: the physical cores)",
+    )
+    return parser
+
+
+def apply_common_options(args: argparse.Namespace) -> None:
+    """Apply the shared options of parsed ``args`` to the process (the thread budget)."""
+    from .threads import configure
+
+    configure(getattr(args, "threads", None))

@@ -1,0 +1,16 @@
+"""Native (C) kernels, kept as source files in this package and compiled on first use.
+
+- ``slash_attention.c`` (with ``slash_vector.h`` and the per-shape template
+  ``slash_block.h``): sparse prefill attention over vertical and slash lines, used by
+  :mod:`loopserve.attention.sparse`;
+- ``greedy_cover.c``: the greedy maximum-coverage rounds of Phase 1 line selection, used
+  by :mod:`loopserve.attention.lines`.
+
+:func:`native_kernels` builds (or loads the cached build of) both into one library; see
+:mod:`loopserve.native.loader` (the build, its cache key and failures). Without a
+compiler the callers' pure-PyTorch paths run.
+"""
+
+from .loader import NATIVE_ENV, NativeKernels, native_kernels, reset_native_kernels
+
+__all__ = ["NATIVE_ENV", "NativeKernels", "native_kernels", "reset_native_kernels"]

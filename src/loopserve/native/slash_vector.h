@@ -1,0 +1,53 @@
+/* Vector helpers of the slash attention kernel (slash_attention.c, slash_block.h).
+
+   Row-vectorised slash attention. W = 16 consecutive rows share one vector register
+   lane each: for offset o, their keys are the contiguous keys pos_0 - o .. pos_0 - o + 15,
+   so with K, V stored transposed (d-major) every load is one contiguous vector and the
+   dot products, softmax and value sums are plain vertical vector arithmetic (no
+   horizontal reductions). The G query heads of a KV head share every K/V load. */
+
+#ifndef LOOPSERVE_SLASH_VECTOR_H
+#define LOOPSERVE_SLASH_VECTOR_H
+
+#include <math.h>
+#include <stdint.h>
+
+#define W 16
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+typedef float vfu __attribute__((vector_size(W * 4), aligned(4)));
+
+static inline vf ld(const float *p) { return *(const vfu *)p; }
+/* Load once into a register: without this the compiler folds the load into each of the
+   G FMAs that use it, and the loop becomes bound by loads instead of FMAs. */
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__AVX512F__)
+#define KEEP(x) __asm__("" : "+v"(x)) /* a 16-float vector is one zmm register */
+#else
+#define KEEP(x) ((void)0)
+#endif
+static inline void st(float *p, vf x) { *(vfu *)p = x; }
+static inline vf splat(float x) { return (vf){0} + x; }
+static inline vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
+
+/* exp(x), exactly 0 for x < -87 (and -inf); Cody-Waite + degree-6 polynomial (~1 ulp). */
+static inline vf vexp(vf x) {
+    vi ok = x >= splat(-87.0f);
+    x = vmax(x, splat(-87.0f));
+    vf t = x * splat(1.44269504088896341f) + splat(12582912.0f);
+    vf n = t - splat(12582912.0f);
+    vf r = x - n * splat(0.693145751953125f) - n * splat(1.428606765330187045e-06f);
+    vf p = splat(0.0013888889f);
+    p = p * r + splat(0.008333334f);
+    p = p * r + splat(0.041666668f);
+    p = p * r + splat(0.16666667f);
+    p = p * r + splat(0.5f);
+    p = p * r + splat(1.0f);
+    p = p * r + splat(1.0f);
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    return (vf)((vi)(p * (vf)e) & ok);
+}
+
+#define TC 32 /* offsets per online-softmax chunk */
+
+#endif
