@@ -105,6 +105,7 @@ def test_smoke_run_writes_one_record_per_turn(smoke, data_dir, tokenizer):
         assert r["ttft_s"] > 0 and r["tpot_s"] >= 0 and r["peak_rss_mb"] > 0
         assert r["active_kv_tokens"] > 0 and r["kv_bytes"] > 0
         assert r["model"] == "tiny-llama" and r["golds"] and isinstance(r["prediction"], str)
+        assert r["dtype"] == "float32" and r["threads"] >= 1
         if r["method"] == "dense":
             assert r["prefill_density"] == 1.0
     # Honest history: each dense turn's prompt is the conversation so far with the model's

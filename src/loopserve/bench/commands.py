@@ -247,6 +247,7 @@ def add_bench_commands(bench) -> None:
     p.add_argument("--results", nargs="+", required=True, help="one or more results JSONL files")
     p.add_argument("--out", default="runs/sensitivity", help="output folder (default runs/sensitivity)")
     p.add_argument("--reference", default="dense", help="method the others are compared with (default dense)")
+    add_common_options(p)
     p.set_defaults(func=cmd_sensitivity)
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..threads import budget as thread_budget
 from .datasets import DATASETS, build_datasets, dataset_info, dataset_path
 from .metrics import score as score_answer
 from .schema import POSITIONS, DatasetFormatError, load_dataset
@@ -94,6 +95,7 @@ _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "conv_hash": str,
     "method_spec": str,
     "config": dict,
+    "threads": int,
 }
 
 
@@ -605,6 +607,7 @@ def make_record(unit: Unit, turn: dict, result, bound, *, model: str, dtype: str
         "max_new_tokens": unit.max_new_tokens,
         "model": model,
         "dtype": dtype,
+        "threads": thread_budget(),  # timings depend on it
         "knobs": unit.knobs,
         "config": bound.knobs(),
         "context_tokens": unit.conv.get("context_tokens"),
