@@ -272,3 +272,63 @@ def test_native_greedy_rounds_match_numpy_rounds(monkeypatch):
         torch.testing.assert_close(native.gains[b], ref.gains[b], rtol=0, atol=1e-9)
     assert torch.equal(native.vertical, ref.vertical) and torch.equal(native.slash, ref.slash)
     torch.testing.assert_close(native.covered, ref.covered, rtol=0, atol=1e-9)
+
+
+# -- per-row coverage floor and stratified probe rows -------------------------------------
+
+
+def _one_row_apart(s=40, N=300):
+    """Probe attention where every row attends to the sink and its own diagonal, except one
+    row whose mass sits on a far column no other row uses (a question reaching back)."""
+    pos = torch.arange(N - s, N)
+    A = torch.zeros(1, s, N)
+    A[0, :, 0] = 0.5
+    A[0, torch.arange(s), pos] = 0.5
+    A[0, 7, 0], A[0, 7, pos[7]], A[0, 7, 123] = 0.05, 0.05, 0.9
+    return A, pos
+
+
+def test_mean_coverage_can_starve_one_row_and_the_floor_repairs_it():
+    from loopserve.attention.lines import _greedy_cover, _raise_row_floor, row_coverage
+
+    A, pos = _one_row_apart()
+    cover = _greedy_cover(A, pos, 0.9, None, None, None, 1e-12, causal_zero=True)
+    frac = row_coverage(A, pos, cover.vertical, cover.slash)
+    assert float(cover.fraction) >= 0.9 and float(frac[0, 7]) < 0.2  # the mean is met, row 7 is not
+    _raise_row_floor(A, pos, cover, 0.8)
+    frac = row_coverage(A, pos, cover.vertical, cover.slash)
+    assert float(frac.min()) >= 0.8 and bool(cover.vertical[0, 123])
+
+
+def test_row_floor_on_real_shapes_covers_every_probe_row():
+    torch.manual_seed(0)
+    H, Hkv, n, N, D = 4, 2, 300, 700, 32
+    q, k = torch.randn(H, n, D), torch.randn(Hkv, N, D) * 1.5
+    base = select_lines(q, k, alpha=0.6, n_probe=32, sinks=4, local=8)
+    floored = select_lines(q, k, alpha=0.6, n_probe=32, sinks=4, local=8, row_floor=0.7)
+    from loopserve.attention.lines import probe_attention, row_coverage
+
+    A, pos = probe_attention(q, k, floored.probe_idx)
+    def masks(p):
+        v = torch.zeros(Hkv, N, dtype=torch.bool)
+        sl = torch.zeros(Hkv, N, dtype=torch.bool)
+        for h in range(Hkv):
+            v[h, p.vertical[h]] = True
+            sl[h, p.slash[h]] = True
+        return v, sl
+    assert float(row_coverage(A, pos, *masks(floored)).min()) >= 0.7 - 1e-5
+    assert float(row_coverage(A, pos, *masks(base)).min()) < 0.7  # the floor had work to do
+    for h in range(Hkv):  # the floor only adds lines
+        assert set(base.vertical[h].tolist()) <= set(floored.vertical[h].tolist())
+        assert set(base.slash[h].tolist()) <= set(floored.slash[h].tolist())
+
+
+def test_stratified_probe_rows_leave_no_stratum_empty():
+    n, s, n_last = 1000, 50, 8
+    rows = probe_rows(n, n_probe=s, n_last=n_last, seed=3, stratified=True)
+    head = rows[rows < n - n_last]
+    assert len(head) == s and torch.equal(head, head.unique())
+    edges = torch.tensor([i * (n - n_last) // s for i in range(s + 1)])
+    assert torch.equal(torch.searchsorted(edges, head, right=True) - 1, torch.arange(s))  # one per stratum
+    assert torch.equal(rows[-n_last:], torch.arange(n - n_last, n))
+    assert not torch.equal(head, probe_rows(n, n_probe=s, n_last=n_last, seed=4, stratified=True)[:s])

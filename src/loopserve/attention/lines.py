@@ -50,6 +50,7 @@ __all__ = [
     "pattern_mask",
     "probe_attention",
     "probe_rows",
+    "row_coverage",
     "select_lines",
 ]
 
@@ -153,6 +154,7 @@ def probe_rows(
     seed: int = 0,
     min_probe: int = 64,
     frac: float = 0.02,
+    stratified: bool = False,
 ) -> torch.Tensor:
     """RandomSelect: the probe rows (sorted indices into the ``n`` new rows).
 
@@ -160,6 +162,11 @@ def probe_rows(
     replacement from the whole input, so the probe is position-agnostic, plus the last
     ``n_last`` rows (the first generated token attends from there). If the input is not
     larger than that, every row is a probe row. Deterministic for a given seed.
+
+    ``stratified``: one row drawn uniformly from each of ``s`` equal consecutive strata
+    instead: still uniform per row, but no stretch of the input longer than two strata
+    goes unprobed (a question anywhere in the turn is probed as often as its length
+    deserves, never by luck alone).
     """
     s = n_probe if n_probe is not None else max(min_probe, math.ceil(frac * n))
     n_last = min(max(n_last, 0), n)
@@ -167,7 +174,12 @@ def probe_rows(
         return torch.arange(n)
     head = n - n_last  # the random part never duplicates the forced tail
     g = torch.Generator().manual_seed(int(seed))
-    sample = torch.randperm(head, generator=g)[:s].sort().values
+    if stratified:
+        edges = torch.linspace(0, head, s + 1).long()
+        width = (edges[1:] - edges[:-1]).clamp_min(1)
+        sample = (edges[:-1] + (torch.rand(s, generator=g) * width).long().clamp_max(width - 1)).unique()
+    else:
+        sample = torch.randperm(head, generator=g)[:s].sort().values
     return torch.cat([sample, torch.arange(head, n)])
 
 
@@ -453,6 +465,53 @@ def _native_greedy():
 # --------------------------------------------------------------------------------------
 
 
+def row_coverage(A: torch.Tensor, pos: torch.Tensor, vertical: torch.Tensor, slash: torch.Tensor) -> torch.Tensor:
+    """``(B, s)``: the fraction of each probe row's attention mass that the chosen lines
+    (bool masks ``(B, N)``) cover; each cell counts once."""
+    B, s, N = A.shape
+    keys = torch.arange(N)
+    offset = (pos[:, None] - keys[None, :]).clamp_min(0)  # (s, N): the slash through each cell
+    covered = vertical[:, None, :] | slash[:, offset]  # (B, s, N)
+    mass = A.sum(-1).clamp_min(torch.finfo(A.dtype).tiny)
+    return (A * covered).sum(-1) / mass
+
+
+def _raise_row_floor(A, pos, cover: CoverResult, floor: float, max_rounds: int = 4) -> int:
+    """Add lines until every probe row has at least ``floor`` of its mass covered.
+
+    Mean coverage (the greedy's target) lets a few rows with attention of their own --
+    a question's rows reaching back into an earlier turn -- fall far below ``alpha``:
+    their lines carry little mass summed over all probe rows. Each round runs the same
+    greedy on the *uncovered* mass of the rows still below the floor only, until that
+    restricted mass is covered as far as the floor asks. Rows still short after
+    ``max_rounds`` get the columns of their own largest uncovered cells, so the floor
+    always holds. Returns the greedy rounds run.
+    """
+    keys = torch.arange(A.shape[-1])
+    offset = (pos[:, None] - keys[None, :]).clamp_min(0)  # (s, N): the slash through each cell
+    mass = A.sum(-1)
+    for rounds in range(max_rounds + 1):
+        uncovered = ~(cover.vertical[:, None, :] | cover.slash[:, offset])
+        residual = A * uncovered
+        short = (floor * mass - (mass - residual.sum(-1))).clamp_min(0)  # (B, s) mass still needed
+        low = short > 1e-6 * mass
+        if not low.any():
+            return rounds
+        if rounds == max_rounds:
+            break
+        residual = residual * low[:, :, None]
+        have = residual.sum((-2, -1)).clamp_min(torch.finfo(A.dtype).tiny)
+        target = float((short.sum(-1) / have).clamp(0, 1).max())
+        extra = _greedy_cover(residual, pos, target, None, None, None, 1e-12, causal_zero=True)
+        cover.vertical |= extra.vertical
+        cover.slash |= extra.slash
+    for b, r in low.nonzero().tolist():
+        cells = residual[b, r].sort(descending=True)
+        take = int((cells.values.cumsum(0) < short[b, r]).sum()) + 1
+        cover.vertical[b, cells.indices[:take]] = True
+    return max_rounds
+
+
 def select_lines(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -466,6 +525,8 @@ def select_lines(
     probe_idx: torch.Tensor | None = None,
     per_query_head: bool = False,
     scale: float | None = None,
+    row_floor: float = 0.0,
+    stratified: bool = False,
 ) -> LinePattern:
     """LoopServe Phase 1 selection: probe rows -> probe attention -> greedy coverage.
 
@@ -473,10 +534,15 @@ def select_lines(
     ``(H_kv, N, D)`` (all keys, history first). Lines are chosen per KV head unless
     ``per_query_head``. The first ``sinks`` columns and the ``local`` smallest offsets
     are always included. ``probe_idx`` overrides the random probe rows.
+
+    ``row_floor`` > 0: after the greedy reaches ``alpha`` of the probe mass, more lines
+    are added until every probe row has at least that fraction of its own mass covered
+    (:func:`_raise_row_floor`). ``stratified``: probe rows one per stratum (see
+    :func:`probe_rows`).
     """
     H, Hkv, n, N, D = _check_shapes(q, k)
     rows = (
-        probe_rows(n, n_probe=n_probe, n_last=n_last, seed=seed)
+        probe_rows(n, n_probe=n_probe, n_last=n_last, seed=seed, stratified=stratified)
         if probe_idx is None
         else torch.as_tensor(probe_idx, dtype=torch.long).unique()
     )
@@ -487,6 +553,7 @@ def select_lines(
     with intra_op_threads(1):
         A, pos = probe_attention(q, k, rows, per_query_head=per_query_head, scale=scale)
         cover = _greedy_cover(A, pos, alpha, None, forced_vertical, forced_slash, 1e-12, causal_zero=True)
+        floor_rounds = _raise_row_floor(A, pos, cover, row_floor) if row_floor > 0 else 0
     vertical = [m.nonzero().flatten() for m in cover.vertical]
     slash = [m.nonzero().flatten() for m in cover.slash]
     return LinePattern(
@@ -497,7 +564,7 @@ def select_lines(
         per_query_head=per_query_head,
         probe_idx=rows,
         probe_mass=cover.fraction.float(),
-        meta={"alpha": alpha, "rounds": cover.rounds},
+        meta={"alpha": alpha, "rounds": cover.rounds, "row_floor_rounds": floor_rounds},
     )
 
 

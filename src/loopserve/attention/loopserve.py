@@ -37,10 +37,18 @@ class LoopServePrefill(PrefillMethod):
     min_new: int = 128  # dense for fewer new rows than this
     seed: int = 0
     recall_rows: int = 0  # >0: measure recall on this many held-out rows (diagnostics only)
+    # Every probe row gets at least this fraction of its own mass covered (0: off), on top
+    # of alpha of the total: see lines.select_lines.
+    row_floor: float = 0.0
+    stratified: int = 0  # 1: probe rows one per stratum of the input instead of uniform
 
     def validate(self) -> None:
         if not isinstance(self.alpha, (int, float)) or not (0.0 < float(self.alpha) <= 1.0):
             raise ValueError(f"invalid knob alpha={self.alpha!r}: must be in (0, 1]")
+        if not isinstance(self.row_floor, (int, float)) or not (0.0 <= float(self.row_floor) <= 1.0):
+            raise ValueError(f"invalid knob row_floor={self.row_floor!r}: must be in [0, 1]")
+        if self.stratified not in (0, 1):
+            raise ValueError(f"invalid knob stratified={self.stratified!r}: must be 0 or 1")
         for knob in ("probe", "sinks", "local", "min_keys", "min_new", "seed", "recall_rows"):
             check_int_knob(self, knob, 0)
 
@@ -52,7 +60,8 @@ class LoopServePrefill(PrefillMethod):
         n_probe = max(self.probe, math.ceil(0.02 * n))
         pattern = select_lines(
             q[0], k[0], alpha=float(self.alpha), n_probe=n_probe, sinks=self.sinks, local=self.local,
-            seed=self.seed + layer_idx, scale=scaling,
+            seed=self.seed + layer_idx, scale=scaling, row_floor=float(self.row_floor),
+            stratified=bool(self.stratified),
         )
         # Phase 2 starts decoding from these position-agnostic probe rows.
         ctx.layer_state[layer_idx]["probe_rows"] = pattern.probe_idx
