@@ -130,7 +130,7 @@ def cmd_run(args) -> int:
                 build_data(data, context=args.context, seed=args.seed,
                            count_tokens=_count_tokens(load_tokenizer(args.model)),
                            conversations=count, datasets=missing)
-    except (ValueError, OSError, RuntimeError) as exc:  # unknown model, no shared data, unfillable length
+    except (ValueError, OSError, RuntimeError) as exc:  # unknown model, no source data, unfillable length
         return _err(f"building {data}: {exc}")
     try:
         convs = load_selection(data, datasets, args.limit, context=args.context)
@@ -200,7 +200,7 @@ def add_bench_commands(bench) -> None:
     p.add_argument("--conversations", type=int, default=10, help="conversations per dataset (default 10)")
     p.add_argument("--datasets", default=None, help="comma-separated subset (default: all 11)")
     p.add_argument("--tokenizer", default="smollm2", help="tokenizer that counts tokens (default smollm2)")
-    p.add_argument("--source", default=None, help="shared data folder (default: found automatically)")
+    p.add_argument("--source", default=None, help="source data folder (default: $LOOPSERVE_DATA, else the data shipped in the package)")
     p.set_defaults(func=cmd_build)
 
     p = bench.add_parser("run", help="play the benchmark conversations; one JSONL record per turn, resumable")
