@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..cliparser import HelpParser
+
 __all__ = ["add_bench_commands", "build_parser", "main"]
 
 
@@ -218,15 +220,16 @@ def add_bench_commands(bench) -> None:
     p.set_defaults(func=cmd_run)
 
     p = bench.add_parser("report", help="markdown report, summary.json and plots from a results JSONL")
-    p.add_argument("--results", default="runs/bench/results.jsonl")
-    p.add_argument("--out", default="docs/results", help="output folder (default docs/results)")
+    p.add_argument("--results", default="runs/bench/results.jsonl", help="results JSONL of `bench run`")
+    # Under runs/ (not in git): regenerating the committed docs/results takes an explicit --out.
+    p.add_argument("--out", default="runs/bench/report", help="output folder (default runs/bench/report)")
     p.add_argument("--reference", default="dense", help="method the others are compared with (default dense)")
     p.set_defaults(func=cmd_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """A stand-alone `loopserve bench`-like parser with build / run / report."""
-    ap = argparse.ArgumentParser(prog="loopserve bench", description="multi-turn long-context benchmark")
+    ap = HelpParser(prog="loopserve bench", description="multi-turn long-context benchmark")
     add_bench_commands(ap.add_subparsers(dest="bench_cmd", required=True))
     return ap
 

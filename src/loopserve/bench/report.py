@@ -352,7 +352,7 @@ def _plots(summary: dict, out: Path) -> list[Path]:
     return paths
 
 
-def write_report(results: str | os.PathLike, out_dir: str | os.PathLike = "docs/results",
+def write_report(results: str | os.PathLike, out_dir: str | os.PathLike = "runs/bench/report",
                  reference: str = "dense") -> dict[str, Path]:
     """Write ``report.md``, ``summary.json`` and the PNG plots to ``out_dir``.
 
