@@ -143,6 +143,10 @@ def no_weights(monkeypatch):
     (["bench", "kv-reuse", "--method", "nope"], "unknown method 'nope'"),
     (["serve", "--port", "99999"], "--port must be in 1..65535, got 99999"),
     (["serve", "--port", "0"], "--port must be in 1..65535, got 0"),
+    (["serve", "--method", "nope"], "unknown method 'nope'"),
+    (["serve", "--knob", "nope=1"], "unknown knob(s) ['nope']"),
+    (["serve", "--default-temperature", "-1"], "temperature"),
+    (["serve", "--default-max-tokens", "0"], "max_new_tokens"),
 ])
 def test_bad_input_is_rejected_before_the_weights_load(no_weights, capsys, argv, message):
     assert main([*argv, "--model", "tiny-llama"]) == 2

