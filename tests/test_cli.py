@@ -169,10 +169,10 @@ def test_chat_repl_reset_and_stats(monkeypatch, capsys):
 
 
 def test_chat_help_lists_the_commands_and_is_not_sent_to_the_model(monkeypatch, capsys):
-    out = _chat(monkeypatch, capsys, ["/help", "/nope", "/stats", "/quit"])
+    out = _chat(monkeypatch, capsys, ["/help", "/nope", "/[bold]x", "/stats", "/quit"])
     for command, what in CHAT_COMMANDS.items():
         assert command in out and what.split(":")[0] in out
-    assert "unknown command /nope" in out
+    assert "unknown command /nope" in out and "unknown command /[bold]x" in out  # shown as typed
     assert "no turns yet" in out  # neither /help nor /nope became a turn
 
 

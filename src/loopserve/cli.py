@@ -32,7 +32,7 @@ def _engine(args):
     resolve_method(args.method, knobs)  # a bad method or knob fails before the weights load
     loaded = load_model(args.model, dtype=args.dtype)
     context = getattr(args, "context", None)
-    if context is not None and context >= loaded.max_context:
+    if context is not None and context > loaded.max_context:
         raise ValueError(f"--context {context} is larger than the model's context window of {loaded.max_context} "
                          f"tokens ({loaded.name}); give a smaller --context")
     return Engine(loaded, method=args.method, knobs=knobs)
@@ -71,6 +71,7 @@ def _print_stats(con, session) -> None:
 
 def cmd_chat(args) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     from .console import stream_answer
 
@@ -103,12 +104,12 @@ def cmd_chat(args) -> int:
             _print_stats(con, session)
             continue
         if cmd.startswith("/") and " " not in cmd:
-            con.print(f"[red]unknown command {cmd}[/]; /help lists the commands", highlight=False)
+            con.print(f"[red]unknown command {escape(cmd)}[/]; /help lists the commands", highlight=False)
             continue
         try:
             stream_answer(con, session, line, params)
         except ValueError as e:
-            con.print(f"[red]error:[/] {e}", highlight=False)
+            con.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
 
 
 def cmd_demo(args) -> int:
