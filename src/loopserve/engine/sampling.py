@@ -63,9 +63,10 @@ class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
         self.greedy = params.temperature == 0
+        # The penalty acts on the raw logits (its rule depends on their sign), before any warper.
+        self.penalty = (RepetitionPenaltyLogitsProcessor(float(params.repetition_penalty))
+                        if params.repetition_penalty != 1.0 else None)
         warpers = []
-        if params.repetition_penalty != 1.0:
-            warpers.append(RepetitionPenaltyLogitsProcessor(float(params.repetition_penalty)))
         if not self.greedy:
             warpers.append(TemperatureLogitsWarper(float(params.temperature)))
             if params.top_k > 0:
@@ -82,8 +83,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor) -> int:
         """logits: (1, V) for the next position."""
         logits = logits.float()
-        scores = self.warpers(input_ids, logits) if self.warpers else logits
+        if self.penalty is not None:
+            logits = self.penalty(input_ids, logits)
         if self.greedy:
-            return int(scores.argmax(dim=-1))
+            return int(logits.argmax(dim=-1))
+        scores = self.warpers(input_ids, logits)
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.generator))

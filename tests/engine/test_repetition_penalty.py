@@ -1,4 +1,4 @@
-"""Sampling parameters: the repetition penalty (chat's guard against loops) and its validation."""
+"""The repetition penalty (chat's guard against loops): greedy and sampled, and its validation."""
 
 import pytest
 import torch
