@@ -2,6 +2,7 @@
 in pyproject.toml (a dependency or an extra), so no script fails on a missing import."""
 
 import ast
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -11,10 +12,14 @@ REPO = Path(__file__).resolve().parents[1]
 DISTRIBUTION = {"yaml": "pyyaml", "rouge_score": "rouge-score"}
 
 
+def _normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503: prometheus_client == prometheus-client
+
+
 def _requirement_name(req: str) -> str:
     for stop in "[<>=!~ ;":
         req = req.split(stop)[0]
-    return req.strip().lower()
+    return _normalized(req.strip())
 
 
 def _declared() -> set[str]:
@@ -42,6 +47,6 @@ def test_every_imported_third_party_module_is_declared():
     missing = {}
     for path in files:
         for name in _imports(path) - set(sys.stdlib_module_names) - {"loopserve", "__future__"}:
-            if DISTRIBUTION.get(name, name).lower().replace("_", "-") not in declared:
+            if _normalized(DISTRIBUTION.get(name, name)) not in declared:
                 missing.setdefault(name, []).append(str(path.relative_to(REPO)))
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
