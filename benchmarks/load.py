@@ -37,14 +37,21 @@ QUESTIONS = [
 
 
 def _text_source() -> str:
-    try:
-        from loopserve.textdata import essays_text
+    from loopserve.textdata import essays_text  # shipped with the package
 
-        return essays_text()
-    except Exception:  # no shared data: synthetic but varied text
-        words = ("startup founder growth users market product idea essay money time work school "
-                 "program language design taste city investor risk").split()
-        return " ".join(words[(i * 7 + i // 5) % len(words)] for i in range(200_000))
+    return essays_text()
+
+
+def _require_clients() -> None:
+    """The client libraries are an optional extra: say which, before anything starts."""
+    missing = []
+    for module in ("openai", "httpx"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        sys.exit(f"error: benchmarks/load.py needs {' and '.join(missing)}: pip install -e '.[bench]'")
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -235,6 +242,7 @@ def main(argv=None) -> int:
     ap.add_argument("--replica-cpus", type=float, default=1.0, help="with --spawn --ray: CPUs (torch threads) per replica")
     ap.add_argument("--ignore-eos", action="store_true", help="every answer is exactly --max-tokens long (fair throughput)")
     args = ap.parse_args(argv)
+    _require_clients()
     proc = None
     if args.spawn:
         proc, args.base_url = spawn_server(args)

@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
+from . import __version__
 from .cli_options import add_common_options, apply_common_options
+from .cliparser import HelpParser
+
+# Chat's sampling defaults: a little randomness and a repetition guard, so that a small
+# model does not loop until max-new-tokens (greedy decoding is --temperature 0).
+CHAT_TEMPERATURE = 0.7
+CHAT_TOP_P = 0.9
+CHAT_REPETITION_PENALTY = 1.1
 
 
 def _knobs(pairs: list[str] | None) -> dict:
@@ -17,30 +26,63 @@ def _knobs(pairs: list[str] | None) -> dict:
 
 def _engine(args):
     from .engine import Engine
+    from .engine.registry import resolve_method
     from .models import load_model
 
+    knobs = _knobs(args.knob)
+    resolve_method(args.method, knobs)  # a bad method or knob fails before the weights load
     loaded = load_model(args.model, dtype=args.dtype)
-    return Engine(loaded, method=args.method, knobs=_knobs(args.knob))
+    context = getattr(args, "context", None)
+    if context is not None and context > loaded.max_context:
+        raise ValueError(f"--context {context} is larger than the model's context window of {loaded.max_context} "
+                         f"tokens ({loaded.name}); give a smaller --context")
+    return Engine(loaded, method=args.method, knobs=knobs)
 
 
 def _model_args(p: argparse.ArgumentParser, method: str = "dense") -> None:
-    p.add_argument("--model", default="smollm2", help="smollm2 (default), tiny-llama|tiny-qwen2|tiny-qwen3, or a local HF folder")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--model", default="smollm2", help="smollm2, tiny-llama|tiny-qwen2|tiny-qwen3, or a local HF folder")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight and activation dtype")
     p.add_argument("--method", default=method, help="method name (see `loopserve methods`), or PREFILL+DECODE")
-    p.add_argument("--knob", action="append", metavar="NAME=VALUE", help="method knob, repeatable (e.g. alpha=0.9)")
+    p.add_argument("--knob", action="append", metavar="NAME=VALUE", help="method knob, repeatable (e.g. alpha=0.9; default: none, the method's defaults)")
     add_common_options(p)
+
+
+CHAT_COMMANDS = {
+    "/help": "list these commands",
+    "/reset": "clear the conversation",
+    "/stats": "per-turn statistics: method, tokens prefilled / cached / generated, TTFT, TPOT, KV size",
+    "/quit": "exit (also /exit, Ctrl-D)",
+}
+
+
+def _chat_params(args):
+    from .engine import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed).validate()
+
+
+def _print_stats(con, session) -> None:
+    if not session.turns:
+        con.print("[dim]no turns yet[/]")
+    for i, t in enumerate(session.turns, 1):
+        con.print(f"turn {i}: method {t.method}, prefill {t.prefill_tokens} (cached {t.cached_tokens}), "
+                  f"generated {t.new_tokens} ({t.finish_reason}), TTFT {t.ttft_s:.2f}s, TPOT {t.tpot_s * 1000:.0f}ms, "
+                  f"KV {t.kv_tokens} tokens / {t.kv_bytes / 2**20:.1f} MiB", highlight=False)
 
 
 def cmd_chat(args) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
-    from .engine import SamplingParams
+    from .console import stream_answer
 
+    params = _chat_params(args)  # bad sampling values fail before the weights load
     con = Console()
     engine = _engine(args)
     session = engine.new_session(system_prompt=args.system)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    con.print("[bold]loopserve chat[/] - /reset clears the conversation, /stats shows per-turn stats, /quit exits")
+    con.print(f"[bold]loopserve chat[/] - {engine.loaded.name}, method {session.method.name}; "
+              "/help lists the commands, Ctrl-C stops an answer")
     while True:
         try:
             line = input("you> ")
@@ -48,31 +90,35 @@ def cmd_chat(args) -> int:
             con.print()
             return 0
         cmd = line.strip()
+        if not cmd:
+            continue
         if cmd in ("/quit", "/exit"):
             return 0
+        if cmd == "/help":
+            for name, what in CHAT_COMMANDS.items():
+                con.print(f"  {name:<8} {what}", highlight=False)
+            continue
         if cmd == "/reset":
             session.reset()
             con.print("[dim]conversation cleared[/]")
             continue
         if cmd == "/stats":
-            for i, t in enumerate(session.turns, 1):
-                con.print(f"turn {i}: prefill {t.prefill_tokens} (cached {t.cached_tokens}), TTFT {t.ttft_s:.2f}s, "
-                          f"TPOT {t.tpot_s * 1000:.0f}ms, KV {t.kv_tokens} tokens / {t.kv_bytes / 2**20:.1f} MiB")
+            _print_stats(con, session)
+            continue
+        if cmd.startswith("/") and " " not in cmd:
+            con.print(f"[red]unknown command {escape(cmd)}[/]; /help lists the commands", highlight=False)
             continue
         try:
-            stream = session.stream(line, params)
+            stream_answer(con, session, line, params)
         except ValueError as e:
-            con.print(f"[red]error:[/] {e}")
-            continue
-        con.print("bot> ", end="")
-        for delta in stream:
-            con.print(delta, end="", soft_wrap=True, highlight=False, markup=False)
-        con.print()
+            con.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
 
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     run_demo(_engine(args), context=args.context, max_new_tokens=args.max_new_tokens)
     return 0
 
@@ -88,10 +134,11 @@ def cmd_methods(args) -> int:
     from rich.table import Table
 
     t = Table(title="LoopServe methods (pair any prefill with any decode method as PREFILL+DECODE)")
-    for c in ("name", "phase", "description"):
+    for c in ("name", "phase", "description", "knobs (defaults)"):
         t.add_column(c)
     for r in rows:
-        t.add_row(r["name"], r["phase"], r["description"])
+        knobs = ", ".join(f"{k}={json.dumps(v)}" for k, v in r["knobs"].items()) or "-"
+        t.add_row(r["name"], r["phase"], r["description"], knobs)
     Console().print(t)
     return 0
 
@@ -180,27 +227,31 @@ def cmd_bench_fidelity(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="loopserve", description="LoopServe: fast long multi-turn LLM inference")
+    # HelpParser: every option's --help shows its default, in sub-commands too.
+    ap = HelpParser(prog="loopserve", description="LoopServe: fast long multi-turn LLM inference")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat with streaming")
-    _model_args(p)
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    _model_args(p, method="loopserve")
+    p.add_argument("--system", default=None, help="system prompt (default: none)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
+    p.add_argument("--temperature", type=float, default=CHAT_TEMPERATURE, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-p", type=float, default=CHAT_TOP_P, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 disables it")
+    p.add_argument("--repetition-penalty", type=float, default=CHAT_REPETITION_PENALTY,
+                   help="divide the logits of tokens already in the conversation by this, in [1, 10]; 1 disables it")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("demo", help="scripted 3-turn conversation: KV reuse vs re-prefill")
-    _model_args(p)
-    p.add_argument("--context", type=int, default=4000)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    _model_args(p, method="loopserve")
+    p.add_argument("--context", type=int, default=4000, help="tokens of essay text over the 3 turns")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="longest answer per turn (greedy)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("methods", help="list prefill and decode methods")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("methods", help="list prefill and decode methods with their knobs")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     add_common_options(p)
     p.set_defaults(func=cmd_methods)
 
@@ -260,14 +311,47 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _check_args(args) -> None:
+    """Checks of options several commands share, before any command starts (and before
+    any weights load)."""
+    port = getattr(args, "port", None)
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"--port must be in 1..65535, got {port}")
+    if args.cmd == "serve":  # its parser and command live in server/cli.py
+        from .engine import SamplingParams
+        from .engine.registry import resolve_method
+
+        resolve_method(args.method, _knobs(args.knob))
+        SamplingParams(max_new_tokens=args.default_max_tokens, temperature=args.default_temperature).validate()
+
+
+def _silence_stdout() -> None:
+    # The reader of stdout went away (`loopserve methods --json | head`): send what is left
+    # to /dev/null, so that the interpreter's final flush does not fail once more.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a file (e.g. captured)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_args(args)
         apply_common_options(args)  # the thread budget, before any model loads
-        return args.func(args) or 0
+        code = args.func(args) or 0
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler below
+        return code
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        _silence_stdout()
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,24 +1,14 @@
-"""Real long text for demos and benchmarks, from the evaluation data in ../shared/data."""
+"""Real long text for demos and benchmarks, from the evaluation data (see `loopserve.sourcedata`)."""
 
 from __future__ import annotations
 
-import json
-from functools import lru_cache
-from pathlib import Path
-
-from .bench.sources import resolve_data_dir
+from .bench import sources
+from .sourcedata import resolve_data_dir
 
 
-def shared_data_dir() -> Path:
-    """The shared evaluation data folder (see `bench.sources.resolve_data_dir`)."""
-    return resolve_data_dir()
-
-
-@lru_cache(maxsize=1)
 def essays_text() -> str:
     """The Paul Graham essays (RULER's haystack), one long English text."""
-    with open(shared_data_dir() / "ruler_sources" / "PaulGrahamEssays.json", encoding="utf-8") as f:
-        return json.load(f)["text"]
+    return sources.essays_text(resolve_data_dir())
 
 
 def text_chunks(tokenizer, n_tokens: int, count: int = 1, start_token: int = 0) -> list[str]:

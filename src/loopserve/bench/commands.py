@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..cliparser import HelpParser
 from ..cli_options import add_common_options, apply_common_options
 
 __all__ = ["add_bench_commands", "build_parser", "main"]
@@ -133,7 +134,7 @@ def cmd_run(args) -> int:
                 build_data(data, context=args.context, seed=args.seed,
                            count_tokens=_count_tokens(load_tokenizer(args.model)),
                            conversations=count, datasets=missing)
-    except (ValueError, OSError, RuntimeError) as exc:  # unknown model, no shared data, unfillable length
+    except (ValueError, OSError, RuntimeError) as exc:  # unknown model, no source data, unfillable length
         return _err(f"building {data}: {exc}")
     try:
         convs = load_selection(data, datasets, args.limit, context=args.context)
@@ -215,7 +216,7 @@ def add_bench_commands(bench) -> None:
     p.add_argument("--conversations", type=int, default=10, help="conversations per dataset (default 10)")
     p.add_argument("--datasets", default=None, help="comma-separated subset (default: all 11)")
     p.add_argument("--tokenizer", default="smollm2", help="tokenizer that counts tokens (default smollm2)")
-    p.add_argument("--source", default=None, help="shared data folder (default: found automatically)")
+    p.add_argument("--source", default=None, help="source data folder (default: $LOOPSERVE_DATA, else the data shipped in the package)")
     add_common_options(p)
     p.set_defaults(func=cmd_build)
 
@@ -238,7 +239,7 @@ def add_bench_commands(bench) -> None:
     p = bench.add_parser("report", help="markdown report, summary.json and plots from results JSONL files")
     p.add_argument("--results", nargs="+", default=["runs/bench/results.jsonl"],
                    help="one or more results JSONL files (default runs/bench/results.jsonl)")
-    p.add_argument("--out", default="docs/results", help="output folder (default docs/results)")
+    p.add_argument("--out", default="runs/bench/report", help="output folder (default runs/bench/report)")
     p.add_argument("--reference", default="dense", help="method the others are compared with (default dense)")
     add_common_options(p)
     p.set_defaults(func=cmd_report)
@@ -253,7 +254,7 @@ def add_bench_commands(bench) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """A stand-alone `loopserve bench`-like parser with build / run / report."""
-    ap = argparse.ArgumentParser(prog="loopserve bench", description="multi-turn long-context benchmark")
+    ap = HelpParser(prog="loopserve bench", description="multi-turn long-context benchmark")
     add_bench_commands(ap.add_subparsers(dest="bench_cmd", required=True))
     return ap
 

@@ -9,13 +9,13 @@ methods are compared on exactly the same references.
 
 from __future__ import annotations
 
-import json
 import statistics
 
 from ..engine import Engine, SamplingParams
 from ..engine.registry import method_knobs
-from ..textdata import shared_data_dir
+from ..sourcedata import resolve_data_dir
 from .report import fidelity
+from .sources import leval_rows
 from .settings import run_settings
 
 _FILES = ["natural_question", "scientific_qa", "multidoc_qa", "financial_qa", "meeting_summ", "news_summ", "gov_report_summ"]
@@ -26,8 +26,8 @@ def fidelity_prompts(tokenizer, context: int, count: int = 20, position: str = "
     """`count` prompts, round-robin over L-Eval files, each document cut to ~`context` tokens."""
     if position not in POSITIONS:
         raise ValueError(f"unknown question position {position!r}; choose from {', '.join(POSITIONS)}")
-    base = shared_data_dir() / "leval" / "Open-ended-tasks"
-    docs = {f: [json.loads(line) for line in open(base / f"{f}.jsonl", encoding="utf-8")] for f in _FILES}
+    root = resolve_data_dir()
+    docs = {f: leval_rows(root, f"Open-ended-tasks/{f}.jsonl") for f in _FILES}
     prompts, i = [], 0
     while len(prompts) < count:
         f = _FILES[i % len(_FILES)]

@@ -639,7 +639,7 @@ def load_many(results: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple
     return records, ", ".join(display_path(p) for p in paths)
 
 
-def write_report(results: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike = "docs/results",
+def write_report(results: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike = "runs/bench/report",
                  reference: str = "dense") -> dict[str, Path]:
     """Write ``report.md``, ``summary.json`` and the PNG plots to ``out_dir``.
 

@@ -1,20 +1,21 @@
-"""Readers for the raw evaluation data in ``shared/data`` (parsed once, cached).
+"""Readers for the evaluation source data (parsed once, cached).
 
 Only what the benchmark builder needs: L-Eval documents with their questions,
 SQuAD v2 paragraphs with answerable questions, the Paul Graham essay haystack and
-the 16-shot GSM8K prompt. Every parsed file is cached per (data dir, file), so
+the 16-shot GSM8K prompt. The data folder is the package's own copy or an override
+(see :mod:`loopserve.sourcedata`). Every parsed file is cached per (data dir, file), so
 building many datasets, or the same datasets twice, parses each file once.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
 
+from ..sourcedata import DataDirError, open_source, resolve_data_dir
 from .text import Span, content_tokens, locate_evidence, split_units
 
 __all__ = [
@@ -23,46 +24,13 @@ __all__ = [
     "QItem",
     "SquadParagraph",
     "essay_haystack",
+    "essays_text",
     "gsm_fewshot",
     "leval_docs",
+    "leval_rows",
     "resolve_data_dir",
     "squad_paragraphs",
 ]
-
-DATA_ENV = "LOOPSERVE_DATA"
-# src/loopserve/bench/sources.py -> parents[3] is the repository root.
-_REPO_ROOT = Path(__file__).resolve().parents[3]
-
-
-class DataDirError(FileNotFoundError):
-    """The shared evaluation data directory could not be found."""
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """Directory holding ``leval/``, ``ruler_sources/`` ... (the shared data).
-
-    Order: the explicit argument, then ``$LOOPSERVE_DATA``, then
-    ``<repo>/../shared/data``, ``<cwd>/../shared/data`` and ``/work/shared/data``,
-    first that exists. Raises :class:`DataDirError` listing what was tried.
-    """
-    if data_dir is not None:
-        candidates = [Path(data_dir)]
-    elif os.environ.get(DATA_ENV):
-        candidates = [Path(os.environ[DATA_ENV])]
-    else:
-        candidates = [
-            _REPO_ROOT.parent / "shared" / "data",
-            Path.cwd().parent / "shared" / "data",
-            Path("/work/shared/data"),
-        ]
-    for path in candidates:
-        if (path / "leval").is_dir():
-            return path.resolve()
-    tried = ", ".join(str(p) for p in candidates)
-    raise DataDirError(
-        f"benchmark data directory not found (tried: {tried}); pass data_dir= or "
-        f"set ${DATA_ENV} to the folder that contains leval/ and ruler_sources/"
-    )
 
 
 @dataclass(frozen=True)
@@ -109,17 +77,23 @@ class Doc:
         return self._evidence[k]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(data_dir: Path, rel: str) -> list[dict]:
     rows = []
-    with path.open(encoding="utf-8") as fh:
+    with open_source(data_dir, rel) as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON in source data: {exc}") from exc
+                raise ValueError(f"{data_dir / rel}:{lineno}: invalid JSON in source data: {exc}") from exc
     return rows
+
+
+@lru_cache(maxsize=None)
+def leval_rows(data_dir: Path, rel: str) -> tuple[dict, ...]:
+    """The raw records of ``leval/<rel>`` (``input``, ``instructions``, ``outputs``, ...)."""
+    return tuple(_read_jsonl(data_dir, f"leval/{rel}"))
 
 
 # L-Eval's financial questions all start with this role sentence; our per-dataset
@@ -148,7 +122,7 @@ def leval_docs(data_dir: Path, rel: str) -> tuple[Doc, ...]:
     the option text is kept to locate the evidence.
     """
     docs = []
-    for r, row in enumerate(_read_jsonl(data_dir / "leval" / rel)):
+    for r, row in enumerate(leval_rows(data_dir, rel)):
         items = []
         for k, (question, output) in enumerate(zip(row["instructions"], row["outputs"])):
             question, output = _clean_question(rel, question), output.strip()
@@ -175,7 +149,7 @@ class SquadParagraph:
 @lru_cache(maxsize=None)
 def squad_paragraphs(data_dir: Path) -> tuple[SquadParagraph, ...]:
     """SQuAD v2 dev paragraphs that have at least one answerable question."""
-    with (data_dir / "ruler_sources" / "squad.json").open(encoding="utf-8") as fh:
+    with open_source(data_dir, "ruler_sources/squad.json") as fh:
         data = json.load(fh)["data"]
     paragraphs = []
     for a, article in enumerate(data):
@@ -201,9 +175,15 @@ class Haystack:
 @lru_cache(maxsize=None)
 def essay_haystack(data_dir: Path) -> Haystack:
     """The Paul Graham essays (RULER/NIAH haystack) split into sentence units."""
-    with (data_dir / "ruler_sources" / "PaulGrahamEssays.json").open(encoding="utf-8") as fh:
-        text = json.load(fh)["text"]
+    text = essays_text(data_dir)
     return Haystack(text, tuple(split_units(text)))
+
+
+@lru_cache(maxsize=None)
+def essays_text(data_dir: Path) -> str:
+    """The Paul Graham essays (RULER's haystack) as one long English text."""
+    with open_source(data_dir, "ruler_sources/PaulGrahamEssays.json") as fh:
+        return json.load(fh)["text"]
 
 
 @dataclass(frozen=True)
@@ -221,7 +201,7 @@ _GSM_COT = re.compile(r"\s*Let's think step by step\s*$", flags=re.I)
 @lru_cache(maxsize=None)
 def gsm_fewshot(data_dir: Path) -> GsmData:
     """L-Eval ``gsm100``: the shared 16-shot prompt and the 100 problems."""
-    rows = _read_jsonl(data_dir / "leval" / "Closed-ended-tasks" / "gsm100.jsonl")
+    rows = _read_jsonl(data_dir, "leval/Closed-ended-tasks/gsm100.jsonl")
     # Every record carries the same 16-shot prompt; examples are blank-line separated
     # blocks that each start with "Question:".
     prompt = rows[0]["input"].strip()

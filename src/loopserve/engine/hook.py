@@ -15,6 +15,7 @@ same model), attention is plain dense causal attention.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,8 @@ class TurnContext:
     stats: dict = field(default_factory=dict)
     # Seconds spent inside prefill attention (selection + kernel), for the attention share.
     prefill_attention_s: float = 0.0
+    # Called after each layer's prefill attention with (layer index, query tokens): progress.
+    on_prefill_layer: Callable[[int, int], None] | None = None
 
     def __post_init__(self):
         if not self.layer_state:
@@ -70,6 +73,8 @@ def loopserve_attention(module, query, key, value, attention_mask, scaling=None,
         out = ctx.prefill.attend(query, key, value, layer_idx=layer_idx, scaling=scaling, ctx=ctx)
         ctx.prefill_attention_s += time.perf_counter() - t0
         ctx.decode.observe_prefill(ctx, layer_idx, query, key)
+        if ctx.on_prefill_layer is not None:
+            ctx.on_prefill_layer(layer_idx, query.shape[-2])
     else:
         # The cache layer already returned the active view (full store or compact selection).
         out = dense_attention(query, key, value, scaling)

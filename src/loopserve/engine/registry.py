@@ -59,21 +59,22 @@ def method_names() -> list[str]:
 
 
 def describe_methods() -> list[dict]:
-    """One entry per name: its phase(s) and a one-line description."""
+    """One entry per name: its phase(s), a one-line description and its knobs with their defaults."""
     _load_builtins()
     rows = []
     for name in method_names():
+        knobs = resolve_method(name).knobs()
         if name in COMBINED:
             p, d = COMBINED[name]
             if name == "dense":
                 desc = "Full attention in both phases (the reference)."
             else:
                 desc = f"{PREFILL_METHODS[p].description} + {DECODE_METHODS[d].description}"
-            rows.append({"name": name, "phase": "prefill+decode", "description": desc})
+            rows.append({"name": name, "phase": "prefill+decode", "description": desc, "knobs": knobs})
             continue
         for phase, table in (("prefill", PREFILL_METHODS), ("decode", DECODE_METHODS)):
             if name in table:
-                rows.append({"name": name, "phase": phase, "description": table[name].description})
+                rows.append({"name": name, "phase": phase, "description": table[name].description, "knobs": knobs})
     return rows
 
 

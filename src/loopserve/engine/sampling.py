@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -15,12 +16,17 @@ from transformers.generation.logits_process import (
 
 @dataclass
 class SamplingParams:
-    """temperature 0 means greedy; seed makes sampling reproducible."""
+    """temperature 0 means greedy; seed makes sampling reproducible.
+
+    repetition_penalty > 1 divides the logits of tokens already in the prompt or the answer
+    (CTRL / transformers' rule; 1 disables it), in greedy decoding too.
+    """
 
     max_new_tokens: int = 256
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     # Decode past end-of-sequence tokens up to max_new_tokens (fixed-length answers for
@@ -39,6 +45,9 @@ class SamplingParams:
             bad("top_p", "must be in (0, 1]")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             bad("top_k", "must be an integer >= 0 (0 disables it)")
+        rp = self.repetition_penalty
+        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not (1.0 <= float(rp) <= 10.0):
+            bad("repetition_penalty", "must be a number in [1, 10] (1 disables it)")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             bad("seed", "must be an integer or None")
         if not isinstance(self.ignore_eos, bool):
@@ -54,6 +63,9 @@ class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
         self.greedy = params.temperature == 0
+        # The penalty acts on the raw logits (its rule depends on their sign), before any warper.
+        self.penalty = (RepetitionPenaltyLogitsProcessor(float(params.repetition_penalty))
+                        if params.repetition_penalty != 1.0 else None)
         warpers = []
         if not self.greedy:
             warpers.append(TemperatureLogitsWarper(float(params.temperature)))
@@ -71,6 +83,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor) -> int:
         """logits: (1, V) for the next position."""
         logits = logits.float()
+        if self.penalty is not None:
+            logits = self.penalty(input_ids, logits)
         if self.greedy:
             return int(logits.argmax(dim=-1))
         # Shifted so the best logit is 0, in float64: logits / T then stays finite or -inf

@@ -9,6 +9,7 @@ session's bound method (see registry.py); dense is the reference.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
@@ -24,6 +25,10 @@ from .sampling import Sampler, SamplingParams
 
 class ContextLengthError(ValueError):
     """The prompt does not fit in the model's context window."""
+
+
+# Prefill progress: (layers done, layers in the model, tokens prefilled this turn).
+PrefillProgress = Callable[[int, int, int], None]
 
 
 @dataclass
@@ -151,15 +156,20 @@ class Session:
             pass
         return stream.result
 
-    def stream(self, text: str, sampling: SamplingParams | None = None) -> "TurnStream":
-        """Validate now (raising before anything changes), generate lazily."""
+    def stream(self, text: str, sampling: SamplingParams | None = None,
+               progress: PrefillProgress | None = None) -> "TurnStream":
+        """Validate now (raising before anything changes), generate lazily.
+
+        ``progress(layers_done, num_layers, tokens)`` is called after each layer of the
+        turn's prefill (a long prefill takes seconds before the first token).
+        """
         if not isinstance(text, str) or not text.strip():
             raise ValueError("empty message: the user message must contain non-whitespace text")
         sampling = (sampling or SamplingParams()).validate()
         messages = self.messages + [{"role": "user", "content": text}]
         prompt = self.engine.encode_messages(messages)
         self._check_fits(prompt)
-        return TurnStream(self, prompt, sampling, messages)
+        return TurnStream(self, prompt, sampling, messages, progress)
 
     def stream_ids(self, prompt: list[int], sampling: SamplingParams | None = None) -> "TurnStream":
         """Generate after an explicit token prompt (the server's path: it owns the messages)."""
@@ -197,11 +207,13 @@ class Session:
 class TurnStream:
     """Iterator of text deltas for one turn; `.result` holds the TurnResult when done."""
 
-    def __init__(self, session: Session, prompt: list[int], sampling: SamplingParams, messages: list[dict] | None):
+    def __init__(self, session: Session, prompt: list[int], sampling: SamplingParams, messages: list[dict] | None,
+                 progress: PrefillProgress | None = None):
         self.session = session
         self.prompt = prompt
         self.sampling = sampling
         self.messages = messages
+        self.progress = progress
         self.result: TurnResult | None = None
         self._gen = self._run()
 
@@ -233,10 +245,13 @@ class TurnStream:
                     reuse = 0
                 s.token_ids = s.token_ids[:reuse]
             ctx = TurnContext(s.cache, method.prefill, method.decode, q_start=reuse, input_end=len(prompt), num_layers=eng.num_layers)
+            if self.progress is not None:
+                ctx.on_prefill_layer = lambda layer, n: self.progress(layer + 1, eng.num_layers, n)
             method.decode.begin_turn(ctx)
             new = prompt[reuse:]
             logits = eng.forward(new, s.cache, ctx)
             s.token_ids.extend(new)
+            ctx.on_prefill_layer = None
             method.decode.after_prefill(ctx)
             stats.cached_tokens, stats.prefill_tokens = reuse, len(new)
             stats.extra["prefill_attention_s"] = ctx.prefill_attention_s

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from ..paths import cache_root
 from .tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
@@ -74,8 +76,16 @@ def _converted_default_dir() -> Path:
     if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
         return target
     src = _gguf_dir()
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_NAME, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_NAME)
+    print(f"converting the default model's GGUF once (cached in {target})", file=sys.stderr, flush=True)
+    # Only the load from the cache below shows transformers' "Loading weights" bar.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF_NAME, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF_NAME)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write into a temporary sibling, then rename: an interrupted conversion leaves no half cache.
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
