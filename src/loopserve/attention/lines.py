@@ -52,6 +52,7 @@ __all__ = [
     "probe_rows",
     "row_coverage",
     "select_lines",
+    "spike_columns",
 ]
 
 
@@ -512,6 +513,85 @@ def _raise_row_floor(A, pos, cover: CoverResult, floor: float, max_rounds: int =
     return max_rounds
 
 
+def spike_columns(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    tau: float,
+    sinks: int,
+    local: int,
+    block: int = 16,
+    row_chunk: int = 256,
+    scale: float | None = None,
+) -> list[torch.Tensor]:
+    """Key columns (per KV head) that some new row would give at least ``tau`` of the
+    attention mass it gives its sinks and local window, found for EVERY row, not only
+    probe rows.
+
+    Probe rows estimate the lines most rows need. A row that attends somewhere of its
+    own -- a question's tokens reaching back to one fact in an earlier turn -- is seen
+    only if it happens to be probed, and its columns carry little mass summed over the
+    probes, so coverage of the probe mass skips them. This pass bounds every row's score
+    on every block of ``block`` keys from the block's per-channel key min / max
+    (q+ . kmax + q- . kmin >= q . k for each key in the block: two small matmuls, about
+    1/``block`` of the dense QK cost), then scores exactly only the flagged (row, block)
+    pairs. A column is kept when ``exp(score - lse_r) >= tau``, where ``lse_r`` is the
+    log-sum-exp of row r over its sinks and local window (cells every pattern holds), so
+    the test errs on the side of keeping.
+    """
+    H, Hkv, n, N, D = _check_shapes(q, k)
+    G = H // Hkv
+    scale = D**-0.5 if scale is None else scale
+    log_tau = math.log(tau)
+    nb = (N + block - 1) // block
+    pad = nb * block - N
+    out = []
+    pos_all = torch.arange(N - n, N)
+    win = torch.arange(-min(local, N) + 1, 1)  # offsets of the local window
+    for h in range(Hkv):
+        kh = k[h].float()
+        kp = torch.nn.functional.pad(kh, (0, 0, 0, pad)) if pad else kh
+        kb = kp.view(nb, block, D)
+        if pad:  # padded keys must not widen the bounds
+            valid = (torch.arange(nb * block) < N).view(nb, block, 1)
+            kmax = kb.masked_fill(~valid, float("-inf")).amax(1)
+            kmin = kb.masked_fill(~valid, float("inf")).amin(1)
+        else:
+            kmax, kmin = kb.amax(1), kb.amin(1)
+        cols = torch.zeros(N, dtype=torch.bool)
+        for a in range(0, n, row_chunk):
+            pos = pos_all[a : a + row_chunk]
+            qs = q[h * G : (h + 1) * G, a : a + row_chunk].float() * scale  # (G, r, D)
+            # Exact log-sum-exp over sinks + local window (the cells every pattern covers).
+            idx = pos[:, None] + win[None, :]  # (r, L)
+            ok = idx >= 0
+            loc = torch.einsum("grd,rld->grl", qs, kh[idx.clamp_min(0)]).masked_fill(~ok, float("-inf"))
+            parts = [loc]
+            if sinks:
+                sink_keys = kh[: min(sinks, N)]
+                sk = torch.einsum("grd,sd->grs", qs, sink_keys)
+                # a sink inside the local window would count twice
+                sk = sk.masked_fill(torch.arange(len(sink_keys))[None, None, :] > (pos[None, :, None] - len(win)), float("-inf"))
+                parts.append(sk)
+            lse = torch.logsumexp(torch.cat(parts, -1), -1)  # (G, r)
+            ub = qs.clamp_min(0) @ kmax.T + qs.clamp_max(0) @ kmin.T  # (G, r, nb)
+            causal = (torch.arange(nb) * block)[None, :] <= pos[:, None] - len(win)  # (r, nb): blocks reaching before the window
+            flag = (ub - lse[..., None] >= log_tau) & causal[None]
+            g_i, r_i, b_i = flag.nonzero(as_tuple=True)
+            if len(r_i) == 0:
+                continue
+            for c in range(0, len(r_i), 4096):
+                gi, ri, bi = g_i[c : c + 4096], r_i[c : c + 4096], b_i[c : c + 4096]
+                keys_idx = bi[:, None] * block + torch.arange(block)[None, :]  # (F, block)
+                # causal, and outside the sinks and the local window (cells every pattern holds)
+                keys_ok = (keys_idx < N) & (keys_idx <= pos[ri][:, None] - len(win)) & (keys_idx >= sinks)
+                sc = torch.einsum("fd,fbd->fb", qs[gi, ri], kp[keys_idx])
+                keep = (sc - lse[gi, ri][:, None] >= log_tau) & keys_ok
+                cols[keys_idx[keep]] = True
+        out.append(cols.nonzero().flatten())
+    return out
+
+
 def select_lines(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -527,6 +607,7 @@ def select_lines(
     scale: float | None = None,
     row_floor: float = 0.0,
     stratified: bool = False,
+    spike_tau: float = 0.0,
 ) -> LinePattern:
     """LoopServe Phase 1 selection: probe rows -> probe attention -> greedy coverage.
 
@@ -538,7 +619,8 @@ def select_lines(
     ``row_floor`` > 0: after the greedy reaches ``alpha`` of the probe mass, more lines
     are added until every probe row has at least that fraction of its own mass covered
     (:func:`_raise_row_floor`). ``stratified``: probe rows one per stratum (see
-    :func:`probe_rows`).
+    :func:`probe_rows`). ``spike_tau`` > 0: columns where any new row has a spike of
+    attention (:func:`spike_columns`) join the verticals.
     """
     H, Hkv, n, N, D = _check_shapes(q, k)
     rows = (
@@ -554,6 +636,11 @@ def select_lines(
         A, pos = probe_attention(q, k, rows, per_query_head=per_query_head, scale=scale)
         cover = _greedy_cover(A, pos, alpha, None, forced_vertical, forced_slash, 1e-12, causal_zero=True)
         floor_rounds = _raise_row_floor(A, pos, cover, row_floor) if row_floor > 0 else 0
+        if spike_tau > 0:
+            if per_query_head:
+                raise ValueError("spike_tau needs per-KV-head patterns")
+            for h, extra in enumerate(spike_columns(q, k, tau=spike_tau, sinks=sinks, local=local, scale=scale)):
+                cover.vertical[h, extra] = True
     vertical = [m.nonzero().flatten() for m in cover.vertical]
     slash = [m.nonzero().flatten() for m in cover.slash]
     return LinePattern(
