@@ -9,21 +9,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loopserve import kernels
 from loopserve.attention import LinePattern, sparse_prefill_attention
-from loopserve.attention import backends
 from loopserve.attention import sparse as sparse_module
 from tests.attention.test_sparse import inputs, masked_reference
 
 
 def test_backend_follows_the_device():
-    assert backends.prefill_backend(torch.device("cuda")) == "triton"
-    assert backends.prefill_backend("cuda:1") == "triton"
-    assert backends.prefill_backend(torch.device("cpu")) == "cpu"
-    assert backends.prefill_backend("cpu", "triton") == "triton"  # the interpreter's way
-    with pytest.raises(ValueError, match="cpu sparse prefill kernels take CPU tensors"):
-        backends.prefill_backend("cuda", "cpu")
-    with pytest.raises(ValueError, match="unknown sparse prefill backend 'cuda'"):
-        backends.prefill_backend("cpu", "cuda")
+    assert kernels.choose_backend(torch.device("cuda")) == "triton"
+    assert kernels.choose_backend("cuda:1") == "triton"
+    assert kernels.choose_backend(torch.device("cpu")) == "cpu"
+    assert kernels.choose_backend("cpu", "triton") == "triton"  # the interpreter's way
+    with pytest.raises(ValueError, match="cpu kernels take CPU tensors, got cuda tensors"):
+        kernels.choose_backend("cuda", "cpu")
+    with pytest.raises(ValueError, match="unknown kernel backend 'cuda'"):
+        kernels.choose_backend("cpu", "cuda")
 
 
 @pytest.fixture
@@ -58,8 +58,8 @@ def test_triton_backend_gets_the_pattern_and_scale(recorded_triton_calls):
 
 
 def test_missing_triton_names_the_extra(monkeypatch):
-    monkeypatch.setattr(backends, "triton_available", lambda: False)
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
     q, k, v = inputs(2, 1, 4, 8, 16)
     pattern = LinePattern.from_lines([[0]], [[0]], 4, 8)
-    with pytest.raises(RuntimeError, match=r"needs Triton: install the optional extra: pip install 'loopserve\[gpu\]'"):
+    with pytest.raises(RuntimeError, match=r"sparse prefill kernel for cpu tensors needs Triton: install the optional extra: pip install 'loopserve\[gpu\]'"):
         sparse_prefill_attention(q, k, v, pattern, backend="triton")

@@ -24,13 +24,23 @@ def need_triton() -> None:
         pytest.skip(msg)
 
 
-@pytest.fixture
-def vertical_slash_attention():
-    """The Triton sparse prefill kernel, defined under the interpreter."""
+def interpreted_kernel(module_name: str, name: str):
+    """``loopserve.kernels.<module_name>.<name>``, checked to be defined under the interpreter."""
     need_triton()
-    from loopserve.kernels import vertical_slash
+    import importlib
 
-    assert vertical_slash.INTERPRETED, (
+    module = importlib.import_module(f"loopserve.kernels.{module_name}")
+    assert module.INTERPRETED, (
         "the Triton kernels were defined before TRITON_INTERPRET=1 was set: they cannot run on CPU tensors"
     )
-    return vertical_slash.vertical_slash_attention
+    return getattr(module, name)
+
+
+@pytest.fixture
+def vertical_slash_attention():
+    return interpreted_kernel("vertical_slash", "vertical_slash_attention")
+
+
+@pytest.fixture
+def view_decode_attention():
+    return interpreted_kernel("view_decode", "view_decode_attention")

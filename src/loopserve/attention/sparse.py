@@ -51,9 +51,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kernels import choose_backend
 from ..native import native_kernels
 from ..threads import budget, intra_op_threads
-from .backends import prefill_backend, triton_sparse_prefill
+from .backends import triton_sparse_prefill
 from .lines import LinePattern
 
 __all__ = ["dense_prefill_attention", "sparse_prefill_attention"]
@@ -460,7 +461,7 @@ def sparse_prefill_attention(
     The result is the same either way, up to fp32 rounding.
 
     ``backend``: ``"cpu"`` (the kernels here) or ``"triton"`` (the GPU kernel); None picks
-    by the tensors' device (:func:`loopserve.attention.backends.prefill_backend`). The
+    by the tensors' device (:func:`loopserve.kernels.choose_backend`). The
     Triton kernel ignores ``block``, ``chunk`` and ``native``.
     """
     H, n, D = q.shape
@@ -472,7 +473,7 @@ def sparse_prefill_attention(
     if pattern.n_heads != heads:
         raise ValueError(f"pattern has {pattern.n_heads} heads, expected {heads}")
     scale = D**-0.5 if scale is None else float(scale)
-    if prefill_backend(q.device, backend) == "triton":
+    if choose_backend(q.device, backend) == "triton":
         return triton_sparse_prefill(q, k, v, pattern, scale)[0]
     block = max(chunk, block // chunk * chunk)
     off = N - n

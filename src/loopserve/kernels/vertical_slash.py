@@ -25,9 +25,11 @@ Design (one program = one block of ``BLOCK_R`` rows x the query heads of one pat
   only those at or before the block's last row), causal-masked per row. They own the
   cells they share with slashes, which is why the slash tiles mask vertical keys.
 * One online softmax over both parts (fp32 statistics, no merge pass). Matmuls take the
-  input dtype: bf16/fp16 with fp32 accumulation (probabilities cast to the input dtype
-  for ``P @ V``, as FlashAttention does); fp32 in IEEE precision (no TF32), so the fp32
-  result matches the fp64 reference to ~1e-6.
+  input dtype with fp32 accumulation: bf16/fp16 ``Q K^T`` is exact per product; for
+  ``P @ V`` the probabilities are split into two bf16/fp16 terms (FlashAttention rounds
+  them once, which alone costs up to ~2^-9 |v| per output, beyond the 2e-3 bf16 target),
+  so a bf16 call is as exact as fp32 up to its inputs and its output rounding. fp32
+  runs in IEEE precision (no TF32): ~1e-6 from the fp64 reference.
 
 Index preparation (:func:`_prepare`) runs as a few torch ops on the tensors' device, its
 size proportional to lines + row blocks, never n x N.
@@ -41,44 +43,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from .launch import check_attention_inputs, check_blocks, dot_flags, interpreted, next_pow2
+from .online_softmax import dot, online_softmax_step
 
 __all__ = ["INTERPRETED", "vertical_slash_attention"]
-
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
-
-
-@triton.jit
-def _dot(a, b, UPCAST: tl.constexpr):
-    """``a @ b`` with fp32 accumulation; ``UPCAST``: in fp32 IEEE precision (exact products of
-    bf16/fp16 operands, so the same result as their low-precision dot up to summation order)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
-
-
-@triton.jit
-def _online_softmax_step(s, ok, v, m_i, l_i, acc, UPCAST: tl.constexpr, SPLIT_P: tl.constexpr):
-    """Fold one tile of scores ``s`` (masked by ``ok``) and its values ``v`` into the running
-    max ``m_i``, denominator ``l_i`` and output accumulator ``acc`` (all fp32)."""
-    s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # Rows without any cell so far keep m = -inf; subtract 0 there so exp() gives 0, not NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_safe)
-    p = tl.exp(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if SPLIT_P:
-        # P in two low-precision terms (hi + lo, ~16 bits together): one rounding of P to
-        # bf16 alone costs up to 2^-9 |v| per output, above the 2e-3 target at |v| ~ 4.
-        p_hi = p.to(v.dtype)
-        p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
-        pv = _dot(p_hi, v, UPCAST) + _dot(p_lo, v, UPCAST)
-    else:
-        pv = _dot(p, v, UPCAST)
-    acc = acc * alpha[:, None] + pv
-    return m_new, l_i, acc
-
 
 @triton.jit
 def _vertical_slash_kernel(
@@ -117,9 +86,9 @@ def _vertical_slash_kernel(
         j = tl.load(Vert + ph * stride_vert + idx, mask=live, other=0)
         kt = tl.load(k_base + j[:, None] * stride_kn + d[None, :], mask=live[:, None], other=0.0)
         vt = tl.load(v_base + j[:, None] * stride_vn + d[None, :], mask=live[:, None], other=0.0)
-        s = _dot(q, tl.trans(kt), UPCAST) * scale
+        s = dot(q, tl.trans(kt), UPCAST) * scale
         ok = row_ok[:, None] & live[None, :] & (j[None, :] <= pos[:, None])
-        m_i, l_i, acc = _online_softmax_step(s, ok, vt, m_i, l_i, acc, UPCAST, SPLIT_P)
+        m_i, l_i, acc = online_softmax_step(s, ok, vt, m_i, l_i, acc, UPCAST, SPLIT_P)
 
     # Slashes: key tiles p0 + e * BLOCK_N .. (+ BLOCK_N - 1) for the head's tile indices e.
     t_end = tl.load(TileCount + ph)
@@ -131,14 +100,14 @@ def _vertical_slash_kernel(
         k_in = (j >= 0) & (j < N)
         kt = tl.load(k_base + j[:, None] * stride_kn + d[None, :], mask=k_in[:, None], other=0.0)
         vt = tl.load(v_base + j[:, None] * stride_vn + d[None, :], mask=k_in[:, None], other=0.0)
-        s = _dot(q, tl.trans(kt), UPCAST) * scale
+        s = dot(q, tl.trans(kt), UPCAST) * scale
         offset = pos[:, None] - j[None, :]
         on_slash = tl.load(
             IsSlash + ph * stride_lines + offset, mask=row_ok[:, None] & k_in[None, :] & (offset >= 0), other=0
         )
         is_vert = tl.load(IsVert + ph * stride_lines + j, mask=k_in, other=1)
         ok = (on_slash != 0) & (is_vert == 0)[None, :]
-        m_i, l_i, acc = _online_softmax_step(s, ok, vt, m_i, l_i, acc, UPCAST, SPLIT_P)
+        m_i, l_i, acc = online_softmax_step(s, ok, vt, m_i, l_i, acc, UPCAST, SPLIT_P)
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -148,9 +117,7 @@ def _vertical_slash_kernel(
     tl.store(Lse + qh * stride_lh + r, lse, mask=row_ok)
 
 
-# Triton's interpreter (TRITON_INTERPRET=1, triton 3.9) multiplies bf16 dot operands as
-# their raw 16-bit patterns; upcasting them first gives the GPU's bf16 result.
-INTERPRETED = isinstance(_vertical_slash_kernel, InterpretedFunction)
+INTERPRETED = interpreted(_vertical_slash_kernel)
 
 
 @dataclass
@@ -220,10 +187,6 @@ def _prepare(vertical, slash, n: int, N: int, block_r: int, block_n: int, device
     )
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def vertical_slash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -251,28 +214,19 @@ def vertical_slash_attention(
     16), ``block_keys`` keys per slash tile, ``block_verticals`` verticals per step; all
     powers of two >= 16.
     """
-    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
-        raise ValueError(f"expected q (H, n, D) and k, v (H_kv, N, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    check_attention_inputs(q, k, v)
     H, n, D = q.shape
-    Hkv, N, Dk = k.shape
-    if Dk != D or H % Hkv or not 0 < n <= N:
-        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}: need equal D, H % H_kv == 0, 0 < n <= N")
-    if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {D} not supported by the Triton kernel (supported: {SUPPORTED_HEAD_DIMS})")
-    if not q.dtype == k.dtype == v.dtype or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"q, k, v must share one dtype among fp32, bf16, fp16; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not q.device == k.device == v.device:
-        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    Hkv, N, _ = k.shape
+    if not 0 < n <= N:
+        raise ValueError(f"need 0 < n <= N, got n={n} new rows and N={N} keys")
     G = H // Hkv
     P = H if per_query_head else Hkv
     if len(vertical) != P or len(slash) != P:
         raise ValueError(f"need one vertical and one slash entry per pattern head ({P}); got {len(vertical)}, {len(slash)}")
     gq = 1 if per_query_head else G
-    GP = _next_pow2(gq)
+    GP = next_pow2(gq)
     block_r = block_rows or max(16, 64 // GP)
-    for name, size in (("block_rows", block_r), ("block_keys", block_keys), ("block_verticals", block_verticals)):
-        if size < 16 or size & (size - 1):
-            raise ValueError(f"{name}={size}: must be a power of two >= 16")
+    check_blocks(block_rows=block_r, block_keys=block_keys, block_verticals=block_verticals)
     scale = D**-0.5 if scale is None else float(scale)
 
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -293,6 +247,6 @@ def vertical_slash_attention(
         idx.vertical.stride(0), idx.vertical_end.stride(0), idx.tiles.stride(0), idx.tile_start.stride(0),
         idx.is_slash.stride(0),
         GP=GP, BLOCK_R=block_r, BLOCK_N=block_keys, BLOCK_V=block_verticals, HEAD_DIM=D,
-        UPCAST=q.dtype == torch.float32 or INTERPRETED, SPLIT_P=q.dtype != torch.float32,
+        **dot_flags(_vertical_slash_kernel, q.dtype),
     )
     return out.to(out_dtype), lse
