@@ -5,13 +5,19 @@ from __future__ import annotations
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
-__all__ = ["SUPPORTED_HEAD_DIMS", "check_attention_inputs", "check_blocks", "dot_flags", "interpreted", "next_pow2"]
+__all__ = ["SUPPORTED_HEAD_DIMS", "check_attention_inputs", "check_blocks", "dot_flags", "interpreted", "next_pow2", "num_warps"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
 def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
+
+
+def num_warps(rows: int, head_dim: int) -> int:
+    """Warps of a program whose fp32 accumulator is ``rows x head_dim``: 8 above 8K floats
+    (64 registers a thread at 4 warps), so the accumulator does not spill."""
+    return 8 if rows * head_dim > 8192 else 4
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

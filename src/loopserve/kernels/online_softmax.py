@@ -14,8 +14,10 @@ def dot(a, b, UPCAST: tl.constexpr):
     """``a @ b`` with fp32 accumulation; ``UPCAST``: in fp32 IEEE precision (exact products of
     bf16/fp16 operands, so the same result as their low-precision dot up to summation order)."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
 
 
 @triton.jit

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import check_attention_inputs, check_blocks, dot_flags, interpreted, next_pow2
+from .launch import check_attention_inputs, check_blocks, dot_flags, interpreted, next_pow2, num_warps
 from .online_softmax import dot, online_softmax_step
 
 __all__ = ["INTERPRETED", "vertical_slash_attention"]
@@ -247,6 +247,6 @@ def vertical_slash_attention(
         idx.vertical.stride(0), idx.vertical_end.stride(0), idx.tiles.stride(0), idx.tile_start.stride(0),
         idx.is_slash.stride(0),
         GP=GP, BLOCK_R=block_r, BLOCK_N=block_keys, BLOCK_V=block_verticals, HEAD_DIM=D,
-        **dot_flags(_vertical_slash_kernel, q.dtype),
+        **dot_flags(_vertical_slash_kernel, q.dtype), num_warps=num_warps(GP * block_r, D),
     )
     return out.to(out_dtype), lse

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import check_attention_inputs, check_blocks, dot_flags, interpreted, next_pow2
+from .launch import check_attention_inputs, check_blocks, dot_flags, interpreted, next_pow2, num_warps
 from .online_softmax import dot, online_softmax_step
 
 __all__ = ["INTERPRETED", "view_decode_attention"]
@@ -103,6 +103,7 @@ def view_decode_attention(
     splits = -(-L // split_len)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     idx = idx.to(device=q.device, dtype=torch.int32).contiguous()
+    block_m = max(16, next_pow2(G * T))
     out_part = torch.empty(H, T, splits, D, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(H, T, splits, dtype=torch.float32, device=q.device)
     _view_decode_kernel[(Hkv, splits)](
@@ -110,8 +111,8 @@ def view_decode_attention(
         scale, T, L, G, split_len,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), idx.stride(0),
         out_part.stride(0), out_part.stride(1), out_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-        BLOCK_M=max(16, next_pow2(G * T)), BLOCK_N=block_keys, HEAD_DIM=D,
-        **dot_flags(_view_decode_kernel, q.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_keys, HEAD_DIM=D,
+        **dot_flags(_view_decode_kernel, q.dtype), num_warps=num_warps(block_m, D),
     )
     # Exact merge of the splits (every split holds at least one key, so lse is finite).
     lse = torch.logsumexp(lse_part, dim=-1)
