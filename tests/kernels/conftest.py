@@ -44,3 +44,8 @@ def vertical_slash_attention():
 @pytest.fixture
 def view_decode_attention():
     return interpreted_kernel("view_decode", "view_decode_attention")
+
+
+@pytest.fixture
+def key_attention_mass():
+    return interpreted_kernel("key_scores", "key_attention_mass")

@@ -5,8 +5,10 @@
   output and log-sum-exp;
 - :mod:`loopserve.kernels.view_decode`: Phase 2's decode attention over the selected
   view, reading the chosen rows of the KV store directly (gather and attention fused);
+- :mod:`loopserve.kernels.key_scores`: Phase 2's key scoring (the attention mass each key
+  receives from the buffered query rows) without materialising rows x N probabilities;
 - :mod:`loopserve.kernels.online_softmax` (device functions) and
-  :mod:`loopserve.kernels.launch` (input checks, launch flags), shared by both.
+  :mod:`loopserve.kernels.launch` (input checks, launch flags), shared by them.
 
 The kernels run on CUDA tensors; under ``TRITON_INTERPRET=1`` Triton's interpreter runs
 them on CPU tensors, which is how the tests prove them correct on machines without a GPU
