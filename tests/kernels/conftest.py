@@ -1,8 +1,8 @@
 """The Triton kernels run under Triton's interpreter on CPU tensors (no GPU needed).
 
-``TRITON_INTERPRET`` is read when a kernel is defined, so it is set here, before any test
-imports a kernel module. Without Triton installed the tests skip, except under CI
-(``CI`` set), where the ``gpu`` extra is installed and a skip would hide a failure.
+``TRITON_INTERPRET=1`` must be set before Triton is first imported (tests/conftest.py sets
+it). Without Triton installed the tests skip, except under CI (``CI`` set), where the
+``gpu`` extra is installed and a skip would hide a failure.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def need_triton() -> None:
@@ -29,9 +27,14 @@ def interpreted_kernel(module_name: str, name: str):
     need_triton()
     import importlib
 
+    import triton.language as tl
+
+    from loopserve.kernels.launch import interpreted
+
     module = importlib.import_module(f"loopserve.kernels.{module_name}")
-    assert module.INTERPRETED, (
-        "the Triton kernels were defined before TRITON_INTERPRET=1 was set: they cannot run on CPU tensors"
+    assert module.INTERPRETED and interpreted(tl.zeros), (
+        "Triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py sets it first): "
+        "its kernels cannot run on CPU tensors"
     )
     return getattr(module, name)
 

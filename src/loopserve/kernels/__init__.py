@@ -12,8 +12,9 @@
 
 The kernels run on CUDA tensors; under ``TRITON_INTERPRET=1`` Triton's interpreter runs
 them on CPU tensors, which is how the tests prove them correct on machines without a GPU
-(``TRITON_INTERPRET`` must be set before a kernel module is first imported: Triton reads
-it when the kernels are defined). The kernel modules import Triton at load time, so
+(``TRITON_INTERPRET`` must be set before Triton is first imported -- torch imports it
+too, from torch._dynamo -- since Triton reads it when its own library and these kernels
+are defined). The kernel modules import Triton at load time, so
 callers import them only after :func:`require_triton`, and pick them with
 :func:`choose_backend`: Triton for CUDA tensors, the CPU kernels for CPU tensors.
 """

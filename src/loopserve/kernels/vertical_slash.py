@@ -17,7 +17,7 @@ Design (one program = one block of ``BLOCK_R`` rows x the query heads of one pat
   MInference, made exact). For rows at positions ``p0 .. p0 + BLOCK_R - 1``, an offset
   ``o`` reads keys ``p0 - o ..``; with key tiles ``p0 + e * BLOCK_N ..`` the tiles that
   offset touches depend only on ``o``, not on the row block. So the set of tile indices
-  ``e`` (``<= 0``) is computed once per head from its offsets, and every row block runs
+  ``e`` is computed once per head from its offsets, and every row block runs
   the same list (minus tiles wholly before key 0). A nearby run of offsets, the local
   band above all, shares its tiles. Inside a tile, a cell counts iff its diagonal is
   selected (``is_slash[pos - key]``, a gathered lookup) and its key is not a vertical.
@@ -49,6 +49,7 @@ from .online_softmax import dot, online_softmax_step
 
 __all__ = ["INTERPRETED", "vertical_slash_attention"]
 
+
 @triton.jit
 def _vertical_slash_kernel(
     Q, K, V, Out, Lse,
@@ -70,7 +71,8 @@ def _vertical_slash_kernel(
     qh = (ph * gq + g).to(tl.int64)
     kvh = ((ph * gq) // G).to(tl.int64)
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + qh[:, None] * stride_qh + r[:, None] * stride_qn + d[None, :], mask=row_ok[:, None], other=0.0)
+    r64 = r.to(tl.int64)  # addresses in int64: strided views can exceed 2^31 elements
+    q = tl.load(Q + qh[:, None] * stride_qh + r64[:, None] * stride_qn + d[None, :], mask=row_ok[:, None], other=0.0)
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
 
@@ -84,8 +86,9 @@ def _vertical_slash_kernel(
         idx = start + tl.arange(0, BLOCK_V)
         live = idx < v_end
         j = tl.load(Vert + ph * stride_vert + idx, mask=live, other=0)
-        kt = tl.load(k_base + j[:, None] * stride_kn + d[None, :], mask=live[:, None], other=0.0)
-        vt = tl.load(v_base + j[:, None] * stride_vn + d[None, :], mask=live[:, None], other=0.0)
+        j64 = j.to(tl.int64)
+        kt = tl.load(k_base + j64[:, None] * stride_kn + d[None, :], mask=live[:, None], other=0.0)
+        vt = tl.load(v_base + j64[:, None] * stride_vn + d[None, :], mask=live[:, None], other=0.0)
         s = dot(q, tl.trans(kt), UPCAST) * scale
         ok = row_ok[:, None] & live[None, :] & (j[None, :] <= pos[:, None])
         m_i, l_i, acc = online_softmax_step(s, ok, vt, m_i, l_i, acc, UPCAST, SPLIT_P)
@@ -98,8 +101,9 @@ def _vertical_slash_kernel(
         e = tl.load(Tiles + ph * stride_tiles + t)
         j = p0 + e * BLOCK_N + cols
         k_in = (j >= 0) & (j < N)
-        kt = tl.load(k_base + j[:, None] * stride_kn + d[None, :], mask=k_in[:, None], other=0.0)
-        vt = tl.load(v_base + j[:, None] * stride_vn + d[None, :], mask=k_in[:, None], other=0.0)
+        j64 = j.to(tl.int64)
+        kt = tl.load(k_base + j64[:, None] * stride_kn + d[None, :], mask=k_in[:, None], other=0.0)
+        vt = tl.load(v_base + j64[:, None] * stride_vn + d[None, :], mask=k_in[:, None], other=0.0)
         s = dot(q, tl.trans(kt), UPCAST) * scale
         offset = pos[:, None] - j[None, :]
         on_slash = tl.load(
@@ -112,7 +116,7 @@ def _vertical_slash_kernel(
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    tl.store(Out + qh[:, None] * stride_oh + r[:, None] * stride_on + d[None, :], out.to(Out.dtype.element_ty),
+    tl.store(Out + qh[:, None] * stride_oh + r64[:, None] * stride_on + d[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None])
     tl.store(Lse + qh * stride_lh + r, lse, mask=row_ok)
 
@@ -126,7 +130,7 @@ class _Indices:
 
     vertical: torch.Tensor  # (P, max verticals) int32, sorted, padded with N
     vertical_end: torch.Tensor  # (P, row blocks) int32: verticals at or before the block's last row
-    tiles: torch.Tensor  # (P, max tiles) int32: sorted tile indices e <= 0 (padding after tile_count)
+    tiles: torch.Tensor  # (P, max tiles) int32: sorted tile indices e (padding after tile_count)
     tile_start: torch.Tensor  # (P, row blocks) int32: first tile not wholly before key 0
     tile_count: torch.Tensor  # (P,) int32
     is_slash: torch.Tensor  # (P, N) int8: offset selected

@@ -54,7 +54,7 @@ def _view_decode_kernel(
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         live = pos < hi
-        j = tl.load(Idx + kvh * stride_ih + pos, mask=live, other=0)
+        j = tl.load(Idx + kvh * stride_ih + pos, mask=live, other=0).to(tl.int64)
         kt = tl.load(K + kvh * stride_kh + j[:, None] * stride_kn + d[None, :], mask=live[:, None], other=0.0)
         vt = tl.load(V + kvh * stride_vh + j[:, None] * stride_vn + d[None, :], mask=live[:, None], other=0.0)
         s = dot(q, tl.trans(kt), UPCAST) * scale
