@@ -15,7 +15,8 @@ output (the kernel's own error, without the output's rounding).
 Decode: one query row per head over a Phase 2 view of ``--budget`` keys per KV head:
 the Triton gather-and-attend kernel (:mod:`loopserve.kernels.view_decode`) vs SDPA over
 the pre-gathered compact view (what the engine runs per step today) and dense SDPA over
-all N keys.
+all N keys. Scoring: Phase 2's re-scoring of all N keys by 16 buffered queries, the
+Triton kernel (:mod:`loopserve.kernels.key_scores`) vs the torch path.
 
 Times are CUDA-event medians of ``--repeat`` runs after a warm-up; everything is written
 as one JSON object (``--out``, else stdout) naming the device. ``benchmarks/gpu.sh``
@@ -46,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from loopserve.attention import pattern_density, pattern_mask, select_lines
+from loopserve.kernels.key_scores import key_attention_mass
 from loopserve.kernels.vertical_slash import vertical_slash_attention
 from loopserve.kernels.view_decode import view_decode_attention
 from prefill_attention_kernel import REGIMES, synthetic_qkv  # benchmarks/ is this script's folder
@@ -152,6 +154,18 @@ def bench_decode(args, N: int, device: torch.device, dtype: torch.dtype) -> dict
     }
     out = view_decode_attention(q, k, v, idx)[0].float()
     result["max_abs_err_vs_sdpa_view"] = (out - sdpa(k_view, v_view).float()).abs().max().item()
+
+    # Phase 2's re-scoring of every input key by the last n_d = 16 generated queries.
+    q_buf = torch.randn(H, 16, D, generator=g).to(device, dtype)
+    scale = D**-0.5
+
+    def torch_scores():  # the torch path of loopserve.cache.scoring.attention_scores
+        logits = (q_buf.float() * scale).reshape(Hkv, -1, D) @ k.float().transpose(-1, -2)
+        return torch.softmax(logits, dim=-1).sum(dim=1)
+
+    result["scoring_triton_ms"] = timed_ms(lambda: key_attention_mass(q_buf, k, scale), args.repeat, device)
+    result["scoring_torch_ms"] = timed_ms(torch_scores, args.repeat, device)
+    result["scoring_max_abs_err"] = (key_attention_mass(q_buf, k, scale) - torch_scores()).abs().max().item()
     return result
 
 

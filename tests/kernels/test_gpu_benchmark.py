@@ -29,3 +29,4 @@ def test_smoke_run_writes_the_report(tmp_path):
         assert row["max_abs_err_fp32_out_vs_fp64"] <= BF16_TARGET
     (decode,) = report["decode"]
     assert decode["view_keys"] == 48 and decode["max_abs_err_vs_sdpa_view"] < 1e-2
+    assert decode["scoring_triton_ms"] > 0 and decode["scoring_max_abs_err"] < 1e-5
