@@ -1,4 +1,10 @@
 import copy
+import os
+
+# The Triton kernels' tests (tests/kernels/) run under Triton's interpreter on CPU tensors.
+# Triton reads this when it is first imported, and torch imports it too (torch._dynamo, when
+# installed), so it is set here, before any test module loads.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

@@ -51,8 +51,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kernels import choose_backend
 from ..native import native_kernels
 from ..threads import budget, intra_op_threads
+from .backends import triton_sparse_prefill
 from .lines import LinePattern
 
 __all__ = ["dense_prefill_attention", "sparse_prefill_attention"]
@@ -123,7 +125,7 @@ def dense_prefill_attention(
     if n == N:
         out = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale)
     else:
-        mask = torch.ones(n, N, dtype=torch.bool).tril(N - n)
+        mask = torch.ones(n, N, dtype=torch.bool, device=q.device).tril(N - n)
         out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, scale=scale)
     return out[0]
 
@@ -443,6 +445,7 @@ def sparse_prefill_attention(
     block: int = 2048,
     chunk: int = 32,
     native: bool | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Exact softmax attention of the n new rows over exactly the pattern's cells.
 
@@ -456,6 +459,10 @@ def sparse_prefill_attention(
     row-chunk height of the slash windows (smaller: less waste, less efficient matmuls).
     ``native``: use the compiled slash kernel (None: when available; False: pure torch).
     The result is the same either way, up to fp32 rounding.
+
+    ``backend``: ``"cpu"`` (the kernels here) or ``"triton"`` (the GPU kernel); None picks
+    by the tensors' device (:func:`loopserve.kernels.choose_backend`). The
+    Triton kernel ignores ``block``, ``chunk`` and ``native``.
     """
     H, n, D = q.shape
     Hkv, N, _ = k.shape
@@ -466,6 +473,8 @@ def sparse_prefill_attention(
     if pattern.n_heads != heads:
         raise ValueError(f"pattern has {pattern.n_heads} heads, expected {heads}")
     scale = D**-0.5 if scale is None else float(scale)
+    if choose_backend(q.device, backend) == "triton":
+        return triton_sparse_prefill(q, k, v, pattern, scale)[0]
     block = max(chunk, block // chunk * chunk)
     off = N - n
     n_pad = -(-n // chunk) * chunk

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..kernels import choose_backend, require_triton
+
 
 def attention_scores(
     q: torch.Tensor,
@@ -12,13 +14,25 @@ def attention_scores(
     scaling: float,
     q_pos: torch.Tensor | None = None,
     k_pos: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Softmax attention of query rows over keys, summed over rows and over each KV head's
     query heads (GQA): the mass each key receives. Returns float32 (H_kv, N).
 
     q: (1, H, w, D) post-RoPE queries; k: (1, H_kv, N, D). With positions given, a row at
     position p only sees keys at positions <= p (k_pos may be (N,) or (H_kv, N)).
+
+    ``backend``: None picks by device (:func:`loopserve.kernels.choose_backend`); on CUDA
+    a Triton kernel computes the same masses without materialising the (H_kv, G*w, N)
+    logits (:mod:`loopserve.kernels.key_scores`).
     """
+    if choose_backend(q.device, backend) == "triton":
+        require_triton("key scoring", q.device)
+        from ..kernels.key_scores import key_attention_mass  # imports Triton: only when used
+
+        positions = (q_pos, k_pos) if q_pos is not None and k_pos is not None else (None, None)
+        return key_attention_mass(q[0], k[0], scaling, *positions)
     _, h, w, d = q.shape
     h_kv, n = k.shape[1], k.shape[2]
     g = h // h_kv
