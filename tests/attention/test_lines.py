@@ -332,3 +332,55 @@ def test_stratified_probe_rows_leave_no_stratum_empty():
     assert torch.equal(torch.searchsorted(edges, head, right=True) - 1, torch.arange(s))  # one per stratum
     assert torch.equal(rows[-n_last:], torch.arange(n - n_last, n))
     assert not torch.equal(head, probe_rows(n, n_probe=s, n_last=n_last, seed=4, stratified=True)[:s])
+
+
+def _spike_reference(q, k, tau, sinks, local, scale):
+    """Brute force: per KV head, columns outside sinks and the local window where some row
+    of the group has exp(score - lse(sinks + window)) >= tau."""
+    H, n, D = q.shape
+    Hkv, N, _ = k.shape
+    G = H // Hkv
+    out = []
+    for h in range(Hkv):
+        cols = set()
+        for g in range(G):
+            S = (q[h * G + g].double() * scale) @ k[h].double().T
+            for r in range(n):
+                p = N - n + r
+                window = list(range(max(0, p - local + 1), p + 1))
+                sink = [j for j in range(min(sinks, N)) if j < p - local + 1]
+                lse = torch.logsumexp(S[r, window + sink], 0)
+                for j in range(sinks, p - local + 1):
+                    if S[r, j] - lse >= math.log(tau):
+                        cols.add(j)
+        out.append(cols)
+    return out
+
+
+@pytest.mark.parametrize("G, n, N, block", [(1, 40, 40, 16), (2, 30, 150, 16), (3, 25, 203, 8)])
+def test_spike_columns_match_brute_force(G, n, N, block):
+    from loopserve.attention.lines import spike_columns
+
+    torch.manual_seed(G * 100 + n)
+    Hkv, D = 2, 16
+    q, k = torch.randn(Hkv * G, n, D) * 0.7, torch.randn(Hkv, N, D) * 0.7
+    k[0, 5] = q[0, n - 3] * 3.0  # a row far from key 5 attends to it strongly
+    got = spike_columns(q, k, tau=0.2, sinks=2, local=8, block=block, row_chunk=7)
+    want = _spike_reference(q, k, 0.2, 2, 8, D**-0.5)
+    assert [set(c.tolist()) for c in got] == want
+    assert 5 in want[0]  # the planted far-back spike is among them
+
+
+def test_spike_pass_catches_an_unprobed_row_reaching_far_back():
+    """One new row (not a probe row) attends almost only to one old key. Mean probe
+    coverage never sees it; with spike_tau its column joins the pattern and that row's
+    sparse attention equals its dense attention."""
+    torch.manual_seed(1)
+    H, Hkv, n, N, D = 2, 1, 200, 600, 32
+    q, k = torch.randn(H, n, D) * 0.3, torch.randn(Hkv, N, D) * 0.3
+    probes = torch.arange(0, n, 10)
+    row = 95  # not a probe row
+    k[0, 42] = q[0, row] * 12.0
+    base = select_lines(q, k, alpha=0.9, probe_idx=probes, sinks=4, local=16)
+    spiky = select_lines(q, k, alpha=0.9, probe_idx=probes, sinks=4, local=16, spike_tau=0.05)
+    assert 42 not in base.vertical[0].tolist() and 42 in spiky.vertical[0].tolist()
