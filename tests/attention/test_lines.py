@@ -377,10 +377,15 @@ def test_spike_pass_catches_an_unprobed_row_reaching_far_back():
     sparse attention equals its dense attention."""
     torch.manual_seed(1)
     H, Hkv, n, N, D = 2, 1, 200, 600, 32
-    q, k = torch.randn(H, n, D) * 0.3, torch.randn(Hkv, N, D) * 0.3
+    u, w = torch.zeros(D), torch.zeros(D)
+    u[0], w[1] = 1.0, 1.0
+    q = u * 10.0 + torch.randn(H, n, D) * 0.05  # every row looks at the sink...
+    k = torch.randn(Hkv, N, D) * 0.05
+    k[0, 0] = u * 10.0
     probes = torch.arange(0, n, 10)
-    row = 95  # not a probe row
-    k[0, 42] = q[0, row] * 12.0
+    row = 95  # ...except this one, which is not a probe row
+    q[:, row] = w * 5.0
+    k[0, 42] = w * 5.0
     base = select_lines(q, k, alpha=0.9, probe_idx=probes, sinks=4, local=16)
     spiky = select_lines(q, k, alpha=0.9, probe_idx=probes, sinks=4, local=16, spike_tau=0.05)
     assert 42 not in base.vertical[0].tolist() and 42 in spiky.vertical[0].tolist()
