@@ -56,7 +56,7 @@ def test_data_is_found():
 
 
 def test_registry_covers_the_task_families():
-    assert len(DATASETS) == 11
+    assert len(DATASETS) == 12  # the paper's 11 shapes plus turn_recall
     tasks = {info.task for info in DATASETS.values()}
     assert tasks == {"single_doc_qa", "multi_doc_qa", "summarization", "few_shot", "synthetic_retrieval"}
     for name, info in DATASETS.items():
@@ -83,7 +83,8 @@ def test_record_fields(conversations):
             assert conv["source"] == info.source and conv["metric"] == info.metric
             assert conv["max_new_tokens"] == info.max_new_tokens
             for turn in conv["turns"]:
-                assert turn["metric"] == info.metric
+                # turn_recall scores its summary turns with ROUGE-L, its recall turn by the key
+                assert turn["metric"] == info.metric or (name, turn["metric"]) == ("turn_recall", "rouge_l")
                 assert turn["answers"] and all(a.strip() for a in turn["answers"])
                 # Each gold is a perfect answer under the dataset's metric.
                 assert score(turn["metric"], turn["answers"][0], turn["answers"]) == pytest.approx(1.0)
@@ -119,6 +120,9 @@ def test_question_positions(conversations):
 
 def test_a_third_of_turns_depend_on_history(conversations):
     for name, convs in conversations.items():
+        if name == "turn_recall":  # by design one dependent turn: the last, at the longest distance
+            assert all(sum(bool(t["depends_on"]) for t in c["turns"]) == 1 for c in convs)
+            continue
         turns = [t for c in convs for t in c["turns"]]
         dependent = [t for t in turns if t["depends_on"]]
         assert len(dependent) * 3 >= len(turns), name
@@ -248,3 +252,14 @@ def test_malformed_lines_name_file_and_line(built, tmp_path):
     bad.write_text(good[0] + "\n\n" + good[1] + "\n")
     with pytest.raises(DatasetFormatError, match=r"bad\.jsonl:2: blank line"):
         list(iter_conversations(bad))
+
+
+def test_turn_recall_plants_the_key_first_and_asks_for_it_last(conversations):
+    for conv in conversations["turn_recall"]:
+        turns = conv["turns"]
+        key = turns[-1]["answers"][0]
+        assert len(key) == 5 and key.isdigit()
+        assert key in turns[0]["context"] and not any(key in t["context"] for t in turns[1:])
+        assert turns[-1]["depends_on"] == [0] and turns[-1]["metric"] == "substring"
+        assert all(t["depends_on"] == [] and t["metric"] == "rouge_l" for t in turns[:-1])
+        assert "first message" in turns[-1]["question"]

@@ -122,7 +122,7 @@ def _conversation(
                 "context": turn.context,
                 "question": turn.question,
                 "answers": turn.answers,
-                "metric": info.metric,
+                "metric": turn.metric or info.metric,
                 "depends_on": turn.depends_on,
                 "user": users,
                 "question_span": spans,

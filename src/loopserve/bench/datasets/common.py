@@ -37,6 +37,7 @@ class Turn:
     answers: list[str]
     depends_on: list[int]
     origin: dict = field(default_factory=dict)
+    metric: str | None = None  # this turn's metric when it differs from the dataset's
 
 
 @dataclass(frozen=True)

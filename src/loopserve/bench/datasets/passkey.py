@@ -9,10 +9,10 @@ from ..sources import essay_haystack
 from ..text import nearest_boundary, window
 from .common import MIN_CONTEXT_CHARS, Budget, Builder, Dataset, Turn
 
-__all__ = ["BUILDER"]
+__all__ = ["BUILDER", "PASSKEY_LABELS"]
 
 # Names that label the planted pass keys; one per turn, distinct in a conversation.
-_PASSKEY_LABELS = (
+PASSKEY_LABELS = (
     "the red door", "the blue gate", "the green locker", "the old safe", "the garden shed",
     "the north tower", "the wine cellar", "the server room", "the boat house", "the attic",
     "the west wing", "the silver box", "the library vault", "the back office", "the garage",
@@ -24,7 +24,7 @@ def _passkey_turns(dataset: Dataset, data_dir: Path, refs: list[int], budget: Bu
     a random depth; the question asks for this turn's key or an earlier turn's."""
     hay = essay_haystack(data_dir)
     n_turns = len(refs)
-    labels = rng.sample(_PASSKEY_LABELS, n_turns)
+    labels = rng.sample(PASSKEY_LABELS, n_turns)
     keys = [str(k) for k in rng.sample(range(10000, 100000), n_turns)]
     turns: list[Turn] = []
     for k, j in enumerate(refs):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import gsm, leval, passkey, squad
+from . import gsm, leval, passkey, squad, turn_recall
 from .common import Dataset, DatasetInfo, Recipe
 
 __all__ = ["DATASETS", "REGISTRY", "dataset_info", "dataset_path"]
@@ -158,6 +158,20 @@ REGISTRY: dict[str, Dataset] = {
             "There is important information hidden inside a lot of irrelevant text. Find it "
             "and memorize it; you may be asked about it now or later. Answer with the pass "
             "key only.",
+        ),
+    ),
+    "turn_recall": Dataset(
+        DatasetInfo(
+            "synthetic_retrieval", "substring",
+            "A pass key planted in the first turn's news passages, asked for in the last turn after "
+            "summary turns in between (Multi-News via L-Eval news_summ); summaries scored with ROUGE-L.",
+            "leval/Open-ended-tasks/news_summ.jsonl",
+            f"{_LEVAL}; Multi-News content: terms of the original publishers", 64),
+        Recipe(
+            turn_recall.BUILDER,
+            "You are given news passages, one group per message, and a task about them. A "
+            "message may also hold a pass key: remember it, you may be asked for it later.",
+            question_format="Task: {question}",
         ),
     ),
 }
