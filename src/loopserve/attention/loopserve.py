@@ -43,7 +43,8 @@ class LoopServePrefill(PrefillMethod):
     stratified: int = 0  # 1: probe rows one per stratum of the input instead of uniform
     # Columns where ANY new row (probed or not) has a cell with at least this share of the
     # mass of its sinks + local window join the verticals (0: off): see lines.spike_columns.
-    spike_tau: float = 0.0
+    # Probe rows alone miss a question's rows reaching back to an earlier turn's fact.
+    spike_tau: float = 0.1
 
     def validate(self) -> None:
         if not isinstance(self.alpha, (int, float)) or not (0.0 < float(self.alpha) <= 1.0):
