@@ -64,12 +64,19 @@ def _peak_rss_mb() -> float:
         return 0.0
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix (slice comparisons run at C speed)."""
     n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class Engine:
@@ -190,6 +197,45 @@ class Session:
         self.messages = list(messages)
         self.turns = self.turns[:turns]
 
+    # -- lifecycle operations (the server and benchmarks use only these) ------------------
+    def prefill(self, ids: list[int]) -> None:
+        """Append `ids` to the history by one prefill forward, generating nothing (rebuilds
+        of a lost history, benchmark set-ups). A failed forward starts the session over."""
+        if not ids:
+            return
+        eng, m = self.engine, self.method
+        self._check_fits(self.token_ids + list(ids))
+        start = len(self.token_ids)
+        ctx = TurnContext(self.cache, m.prefill, m.decode, q_start=start, input_end=start + len(ids), num_layers=eng.num_layers)
+        m.decode.begin_turn(ctx)
+        try:
+            eng.forward(list(ids), self.cache, ctx)
+        except BaseException:
+            self.reset()  # a half-written forward
+            raise
+        self.token_ids.extend(ids)
+        self.cache.clear_views()
+
+    def fork(self, n: int | None = None, method: str | None = None, knobs: dict | None = None) -> "Session | None":
+        """A new session (method and knobs as in `Engine.new_session`) whose cache holds a
+        copy of this one's first `n` tokens (default all), or None when the cache cannot be
+        cut there (bounded-mode eviction). This session is left untouched."""
+        n = len(self.token_ids) if n is None else n
+        if not 0 <= n <= len(self.token_ids):
+            raise ValueError(f"cannot fork {n} tokens of a session holding {len(self.token_ids)}")
+        cache = self.cache.prefix_copy(n)
+        if cache is None:
+            return None
+        child = self.engine.new_session(method=method, knobs=knobs, system_prompt=self.system_prompt, reuse_kv=self.reuse_kv)
+        child.cache = cache
+        child.token_ids = list(self.token_ids[:n])
+        return child
+
+    @property
+    def allocated_bytes(self) -> int:
+        """KV bytes this session holds allocated (capacity included): what budgets count."""
+        return self.cache.allocated_bytes
+
     def stats_table(self) -> list[dict]:
         return [t.as_dict() for t in self.turns]
 
@@ -221,7 +267,7 @@ class TurnStream:
         stats = TurnStats(prompt_tokens=len(prompt), method=method.name)
         # Longest shared prefix with what the cache holds; at least one token is prefilled
         # so that the next-token logits exist.
-        reuse = _common_prefix(s.token_ids, prompt) if s.reuse_kv else 0
+        reuse = common_prefix(s.token_ids, prompt) if s.reuse_kv else 0
         reuse = min(reuse, len(prompt) - 1)
         t0 = time.perf_counter()
         try:

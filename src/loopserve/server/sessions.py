@@ -29,78 +29,19 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 
-from ..cache.session_cache import SessionCache
-from ..engine.hook import TurnContext
 from ..engine.registry import resolve_method
 from ..engine.sampling import SamplingParams
-from ..engine.session import Engine, Session
+from ..engine.session import Engine, Session, common_prefix
 from .hashing import IdsHasher
 from .store_api import ConversationStore
 
 log = logging.getLogger("loopserve.server")
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix (slice comparisons run at C speed)."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
 def kv_bytes(session: Session) -> int:
-    """Bytes the session's KV cache holds allocated (store capacity and active view), or
-    the resident bytes (`cache.nbytes`) if the layer internals are not what we expect."""
-    total = 0
-    try:
-        for layer in session.cache.layers:
-            for name in ("_k", "_v", "_vk", "_vv", "_pos"):
-                t = getattr(layer, name, None)
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-    except Exception:  # pragma: no cover - defensive
-        total = 0
-    return total or session.cache.nbytes
-
-
-def clone_prefix(session: Session, n: int) -> SessionCache | None:
-    """A new cache holding a copy of the first n tokens' KV of `session`, or None when the
-    cache cannot be cut there (bounded-mode eviction left per-head holes)."""
-    eng = session.engine
-    cache = SessionCache(eng.num_layers)
-    if n <= 0:
-        return cache
-    for src, dst in zip(session.cache.layers, cache.layers):
-        if not src.is_initialized or src.length < n or src.next_position != src.length:
-            return None
-        dst.update(src.keys[..., :n, :], src.values[..., :n, :])
-    return cache
-
-
-def prefill_only(session: Session, ids: list[int]) -> None:
-    """Append `ids` to the session's history by one prefill forward (no generation)."""
-    if not ids:
-        return
-    eng, m = session.engine, session.method
-    start = len(session.token_ids)
-    ctx = TurnContext(session.cache, m.prefill, m.decode, q_start=start, input_end=start + len(ids), num_layers=eng.num_layers)
-    m.decode.begin_turn(ctx)
-    try:
-        eng.forward(list(ids), session.cache, ctx)
-    except BaseException:
-        session.reset()  # a half-written forward: start this session over
-        raise
-    session.token_ids.extend(ids)
-    session.cache.clear_views()
+    """Bytes the session's KV cache holds allocated (store capacity and active view)."""
+    return session.allocated_bytes
 
 
 # -- prompt building -------------------------------------------------------------------------
@@ -220,11 +161,8 @@ class SessionPool:
         self.forks = 0
         self.rebuilds = 0
 
-    def _new(self, cache: SessionCache | None, token_ids: list[int], conversation_id: str | None, knobs: dict) -> PooledSession:
-        s = self.engine.new_session(method=self.method, knobs=knobs)
-        if cache is not None:
-            s.cache = cache
-            s.token_ids = list(token_ids)
+    def _new(self, session: Session | None, conversation_id: str | None, knobs: dict) -> PooledSession:
+        s = session if session is not None else self.engine.new_session(method=self.method, knobs=knobs)
         p = PooledSession(uuid.uuid4().hex[:12], s, conversation_id or f"conv-{uuid.uuid4().hex[:16]}", dict(knobs))
         self.sessions[p.sid] = p
         return p
@@ -248,13 +186,13 @@ class SessionPool:
             pooled = None
             if best_fork is not None:
                 n = min(fork_len, len(prompt) - 1)
-                cache = clone_prefix(best_fork.session, n)
-                if cache is not None:
-                    pooled = self._new(cache, prompt[:n], conversation_id, knobs)
+                child = best_fork.session.fork(n, method=self.method, knobs=knobs)
+                if child is not None:
+                    pooled = self._new(child, conversation_id, knobs)
                     kind, reused = "fork", n
                     self.forks += 1
             if pooled is None:
-                pooled = self._new(None, [], conversation_id, knobs)
+                pooled = self._new(None, conversation_id, knobs)
                 kind, reused = "new", 0
         pooled.busy = True
         pooled.last_used = time.monotonic()
@@ -268,7 +206,7 @@ class SessionPool:
             # (A live session that lacks only the last answer token, which decoding never feeds
             # back, is not a lost history: the turn's prefill covers that token.)
             if end - have > 1 and common_prefix(pooled.session.token_ids, prompt) == have:
-                prefill_only(pooled.session, prompt[have:end])
+                pooled.session.prefill(prompt[have:end])
                 rebuilt = end - have
                 kind += "+rebuild"
                 self.rebuilds += 1
