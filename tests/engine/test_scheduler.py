@@ -26,8 +26,8 @@ CONVERSATIONS = [
      "then slept through the grey mornings while gulls argued on the rocks below.", "Which ship came first?"],
     ["A storm came from the north; the keeper lit the lamp early.", "Why early?"],
 ]
-PARAMS = SamplingParams(max_new_tokens=6)
-CHUNK = 24  # tokens of prefill per iteration: the long first turn takes several chunks
+PARAMS = SamplingParams(max_new_tokens=4)
+CHUNK = 48  # tokens of prefill per iteration: the long first turn takes several chunks
 
 # Every decode method once, paired in turn with every prefill method, plus chunked eviction.
 _P, _D = sorted(PREFILL_METHODS), sorted(DECODE_METHODS)
