@@ -212,6 +212,29 @@ def cmd_bench_prefill(args) -> int:
     return 0
 
 
+def cmd_bench_serve(args) -> int:
+    from .bench.serve import run_serve
+    from .engine import Engine
+    from .engine.registry import resolve_method
+    from .models import load_model
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    knobs = _knobs(args.knob)
+    # Bad input fails before the model loads (main turns a ValueError into exit code 2).
+    if not methods:
+        raise ValueError("--methods needs at least one method name")
+    for m in methods:
+        resolve_method(m, knobs if m != "dense" else {})
+    for name, low in (("sessions", 1), ("turns", 1), ("tokens", 2), ("chunk_tokens", 1)):
+        if getattr(args, name) < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    engine = Engine(load_model(args.model, dtype=args.dtype), method="dense")  # the methods run per session
+    r = run_serve(engine, sessions=args.sessions, turns=args.turns, context=args.context, tokens=args.tokens, methods=methods,
+                  knobs=knobs, chunk_tokens=args.chunk_tokens, kv_budget_bytes=args.kv_budget_bytes, progress=_progress("serve"))
+    _emit(r, args.json)
+    return 0
+
+
 def cmd_bench_fidelity(args) -> int:
     from .bench.fidelity import run_fidelity
 
@@ -291,6 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     p.set_defaults(func=cmd_bench_prefill)
+
+    p = bench.add_parser("serve", help="N concurrent conversations through the scheduler vs one at a time: throughput, TTFT, TPOT")
+    _model_args(p)
+    p.add_argument("--methods", default="dense,loopserve", help="comma-separated methods, each run batched and one at a time")
+    p.add_argument("--sessions", type=int, default=8, help="concurrent conversations")
+    p.add_argument("--turns", type=int, default=2, help="user turns per conversation")
+    p.add_argument("--context", type=int, default=2000, help="tokens of each conversation's opening passage")
+    p.add_argument("--tokens", type=int, default=64, help="tokens per answer (EOS ignored)")
+    p.add_argument("--chunk-tokens", type=int, default=512, help="prefill tokens per scheduler iteration")
+    p.add_argument("--kv-budget-bytes", type=int, default=None, help="scheduler KV byte budget (default: none)")
+    p.add_argument("--json", action="store_true", help="print only the JSON object")
+    p.set_defaults(func=cmd_bench_serve)
 
     p = bench.add_parser("fidelity", help="ROUGE-L of methods' greedy answers against dense's (--method A,B,C), 20 long prompts")
     _model_args(p, method="dense+loopserve")

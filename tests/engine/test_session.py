@@ -195,3 +195,32 @@ def test_held_back_text_is_flushed_at_the_end(default_model):
         text = "".join(stream)
         r = stream.result
         assert text == r.text == engine.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+
+
+def test_fork_and_prefill_are_public_lifecycle_operations(tiny_models):
+    engine = Engine(tiny_models["tiny-llama"])
+    p = SamplingParams(max_new_tokens=6)
+    base = engine.new_session()
+    base.chat("first turn", p)
+    before = list(base.token_ids)
+    child = base.fork()
+    assert child.token_ids == before and child is not base
+    assert child.allocated_bytes > 0 and child.cache.resident_tokens == len(before)
+    # The fork continues exactly as the original would, and leaves the original untouched.
+    a = child.stream_ids(before + [10, 11, 12], p)
+    b = base.stream_ids(before + [10, 11, 12], p)
+    for stream in (a, b):
+        for _ in stream:
+            pass
+    assert a.result.token_ids == b.result.token_ids
+    assert a.result.stats.cached_tokens == len(before)
+    with pytest.raises(ValueError, match="cannot fork"):
+        base.fork(len(base.token_ids) + 1)
+    # prefill() appends history without generating; the next turn reuses all of it.
+    fresh = engine.new_session()
+    fresh.prefill(before)
+    assert fresh.token_ids == before
+    c = fresh.stream_ids(before + [10, 11, 12], p)
+    for _ in c:
+        pass
+    assert c.result.token_ids == b.result.token_ids and c.result.stats.cached_tokens == len(before)

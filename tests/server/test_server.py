@@ -147,14 +147,13 @@ def test_bad_inputs_get_openai_errors(server):
 
 
 def test_engine_failure_is_a_500_not_a_crash(server, monkeypatch):
-    from loopserve.engine import session as session_mod
+    from loopserve.engine import Engine
 
-    def broken(self):
+    def broken(self, steps):
         raise RuntimeError("simulated engine failure")
-        yield  # pragma: no cover
 
     c = server.client()
-    monkeypatch.setattr(session_mod.TurnStream, "_run", broken)
+    monkeypatch.setattr(Engine, "forward_packed", broken)  # the worker's scheduler runs every forward
     with pytest.raises(openai.InternalServerError) as ei:
         c.chat.completions.create(model=TINY, messages=[_user("fail please")], max_tokens=3)
     assert ei.value.status_code == 500 and ei.value.body["type"] == "server_error"

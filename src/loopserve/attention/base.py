@@ -28,6 +28,10 @@ class PrefillMethod:
     name: ClassVar[str] = "base"
     description: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    # True when prefilling a turn in several chunks gives the same result as in one forward
+    # (the scheduler then splits long turns; a selection that depends on the whole turn's
+    # queries, as sparse patterns do, is prefilled in one piece).
+    chunkable: ClassVar[bool] = False
 
     def validate(self) -> None:
         """Raise ValueError naming the bad knob."""

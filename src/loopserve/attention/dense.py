@@ -32,6 +32,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: 
 @dataclass
 class DensePrefill(PrefillMethod):
     name = "dense"
+    chunkable = True
     description = "Full causal attention (PyTorch SDPA) over history + new tokens."
 
     def attend(self, q, k, v, *, layer_idx, scaling, ctx):

@@ -4,7 +4,6 @@ cache copied for every run, so only decoding is measured."""
 
 from __future__ import annotations
 
-import copy
 import statistics
 
 import time
@@ -13,7 +12,6 @@ import torch
 from transformers import DynamicCache
 
 from ..engine import Engine, SamplingParams
-from ..engine.hook import TurnContext
 from ..engine.registry import resolve_method
 from ..textdata import text_chunks
 from .settings import run_settings
@@ -29,9 +27,7 @@ def long_prompt(engine: Engine, context: int) -> list[int]:
 def _prefilled(engine: Engine, ids: list[int]):
     """A dense session whose cache holds `ids` (prefilled once; runs start from copies)."""
     base = engine.new_session(method="dense")
-    ctx = TurnContext(base.cache, base.method.prefill, base.method.decode, q_start=0, input_end=len(ids), num_layers=engine.num_layers)
-    engine.forward(ids, base.cache, ctx)
-    base.token_ids = list(ids)
+    base.prefill(ids)
     return base
 
 
@@ -43,9 +39,7 @@ def _decode_runs(engine: Engine, base, prompt: list[int], methods: dict, tokens:
         order = list(methods) if r % 2 == 0 else list(reversed(methods))
         for m in order:
             name, knobs = methods[m]
-            s = engine.new_session(method=name, knobs=knobs)
-            s.cache = copy.deepcopy(base.cache)
-            s.token_ids = list(base.token_ids)
+            s = base.fork(method=name, knobs=knobs)
             # ignore_eos: every run decodes exactly `tokens` tokens.
             stream = s.stream_ids(prompt, SamplingParams(max_new_tokens=tokens, ignore_eos=True))
             for _ in stream:

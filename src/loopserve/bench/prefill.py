@@ -10,7 +10,6 @@ for one long prompt and for turn 3 of a conversation (long history + new input).
 
 from __future__ import annotations
 
-import copy
 import os
 import statistics
 import time
@@ -23,7 +22,7 @@ from ..attention.dense import dense_attention
 from ..attention.lines import attention_recall, pattern_density, select_lines
 from ..attention.sparse import sparse_prefill_attention
 from ..engine import Engine, SamplingParams
-from ..engine.hook import TurnContext
+from ..engine.registry import BoundMethod
 from ..textdata import text_chunks
 from .settings import run_settings
 
@@ -79,8 +78,8 @@ def _capture_qkv(engine: Engine, context: int, layers: list[int]) -> dict:
     ids = engine.tokenizer(text_chunks(engine.tokenizer, context)[0], add_special_tokens=False)["input_ids"][:context]
     session = engine.new_session()
     cap = _Capture(layers=tuple(layers))
-    ctx = TurnContext(session.cache, cap, session.method.decode, q_start=0, input_end=len(ids), num_layers=engine.num_layers)
-    engine.forward(ids, session.cache, ctx)
+    session.method = BoundMethod(cap.name, cap, session.method.decode)
+    session.prefill(ids)
     return cap.saved
 
 
@@ -179,8 +178,7 @@ def run_prefill(engine: Engine, context: int = 8192, history: int = 6144, new: i
     single = engine.encode_messages([{"role": "user", "content": text_chunks(engine.tokenizer, context - 40)[0] + "\n\nSummarise."}])
     hist, full = _conversation_prompts(engine, history, new)
     base = engine.new_session()
-    ctx = TurnContext(base.cache, base.method.prefill, base.method.decode, q_start=0, input_end=len(hist), num_layers=engine.num_layers)
-    engine.forward(hist, base.cache, ctx)
+    base.prefill(hist)
     cases = {"single": (single, None), "turn3": (full, base)}
     methods = {"dense": "dense", "loopserve": "loopserve+dense"}
     out = {}
@@ -191,10 +189,11 @@ def run_prefill(engine: Engine, context: int = 8192, history: int = 6144, new: i
         density = []
         for r in range(runs):
             for m in (methods if r % 2 == 0 else list(reversed(methods))):
-                s = engine.new_session(method=methods[m], knobs=knobs if m == "loopserve" else None)
+                m_knobs = knobs if m == "loopserve" else None
                 if start is not None:
-                    s.cache = copy.deepcopy(start.cache)
-                    s.token_ids = list(hist)
+                    s = start.fork(method=methods[m], knobs=m_knobs)
+                else:
+                    s = engine.new_session(method=methods[m], knobs=m_knobs)
                 res = s.stream_ids(prompt, SamplingParams(max_new_tokens=1))
                 for _ in res:
                     pass

@@ -31,6 +31,9 @@ class DecodeMethod:
     name: ClassVar[str] = "base"
     description: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    # True when the method's state after a chunked prefill equals that after one forward
+    # (see PrefillMethod.chunkable); methods that score the final chunk's queries are not.
+    chunkable: ClassVar[bool] = False
 
     def validate(self) -> None:
         """Raise ValueError naming the bad knob."""
@@ -56,4 +59,5 @@ class DecodeMethod:
 @dataclass
 class DenseDecode(DecodeMethod):
     name = "dense"
+    chunkable = True
     description = "Full KV cache: decoding attends to every cached token."

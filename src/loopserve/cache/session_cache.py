@@ -151,6 +151,11 @@ class SessionLayer(CacheLayerMixin):
         return self.length * per_token
 
     @property
+    def allocated_bytes(self) -> int:
+        """Bytes held allocated: store and view capacity (not only the resident tokens) and positions."""
+        return sum(t.numel() * t.element_size() for t in (self._k, self._v, self._vk, self._vv, self._pos) if t is not None)
+
+    @property
     def active_tokens(self) -> int:
         """Tokens attended per KV head at the next decode step."""
         return self.view_len if self._view_base is not None else self.length
@@ -211,6 +216,22 @@ class SessionCache(Cache):
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(layer.allocated_bytes for layer in self.layers)
+
+    def prefix_copy(self, n: int) -> "SessionCache | None":
+        """A new cache holding a copy of the first n tokens' KV, or None when the cache
+        cannot be cut there (bounded-mode eviction left per-head holes, or fewer tokens)."""
+        out = SessionCache(len(self.layers))
+        if n <= 0:
+            return out
+        for src, dst in zip(self.layers, out.layers):
+            if not src.is_initialized or src.length < n or src.next_position != src.length:
+                return None
+            dst.update(src.keys[..., :n, :], src.values[..., :n, :])
+        return out
 
     @property
     def resident_tokens(self) -> int:

@@ -30,6 +30,7 @@ class StreamingLLM(DecodeMethod):
     """StreamingLLM (Xiao et al., ICLR 2024, arXiv 2309.17453): `sinks` first tokens + `window` recent ones."""
 
     name = "streamingllm"
+    chunkable = True  # trims by position at the final chunk only, whatever the chunks were
     description = "StreamingLLM: keep the first `sinks` tokens plus a rolling window of the last `window` tokens; evict the rest."
     paper = "Efficient Streaming Language Models with Attention Sinks (Xiao et al., ICLR 2024, arXiv 2309.17453)"
 

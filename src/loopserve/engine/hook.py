@@ -10,6 +10,11 @@ method enforces causality from positions itself, so an (n x N) mask is never bui
 Per-forward state arrives as the `loopserve_ctx` keyword, which transformers forwards from
 `model(...)` down to the attention function. Without it (e.g. `model.generate()` on the
 same model), attention is plain dense causal attention.
+
+A `PackedContext` instead carries one step of several conversations packed along the
+sequence (the scheduler's batch): the linear layers see every token at once, and attention
+runs per segment over that conversation's own cache layer, with its own method and state,
+exactly as the same step would run alone. No padded mask over the batch is built.
 """
 
 from __future__ import annotations
@@ -59,16 +64,36 @@ class TurnContext:
         self.stats.setdefault(key, []).append(float(value))
 
 
+@dataclass
+class PackedContext:
+    """One forward over a step of several turns: segment i is `lengths[i]` consecutive
+    tokens of the turn whose context is `contexts[i]` (a prefill chunk or one decode token).
+    `cache` is the PackedCache that hands each segment's keys/values back per layer."""
+
+    contexts: list[TurnContext]
+    lengths: list[int]
+    cache: object  # PackedCache
+
+
 def loopserve_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    ctx: TurnContext | None = kwargs.get("loopserve_ctx")
+    ctx = kwargs.get("loopserve_ctx")
     layer_idx = module.layer_idx
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    if ctx is not None:
-        ctx.scaling = scaling
     if ctx is None:
         out = dense_attention(query, key, value, scaling)
-    elif query.shape[-2] > 1:
+    elif isinstance(ctx, PackedContext):
+        segments = zip(ctx.contexts, query.split(ctx.lengths, dim=-2), ctx.cache.segments(layer_idx))
+        out = torch.cat([_attend(c, layer_idx, q.contiguous(), k, v, scaling) for c, q, (k, v) in segments], dim=-2)
+    else:
+        out = _attend(ctx, layer_idx, query, key, value, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attend(ctx: TurnContext, layer_idx: int, query, key, value, scaling: float) -> torch.Tensor:
+    """One conversation's attention: its prefill method for new rows, else a decode step."""
+    ctx.scaling = scaling
+    if query.shape[-2] > 1:
         t0 = time.perf_counter()
         out = ctx.prefill.attend(query, key, value, layer_idx=layer_idx, scaling=scaling, ctx=ctx)
         ctx.prefill_attention_s += time.perf_counter() - t0
@@ -79,7 +104,7 @@ def loopserve_attention(module, query, key, value, attention_mask, scaling=None,
         # The cache layer already returned the active view (full store or compact selection).
         out = dense_attention(query, key, value, scaling)
         ctx.decode.observe_decode(ctx, layer_idx, query, ctx.cache.layers[layer_idx])
-    return out.transpose(1, 2).contiguous(), None
+    return out
 
 
 def no_mask(*args, **kwargs):

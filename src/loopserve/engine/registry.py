@@ -49,6 +49,11 @@ class BoundMethod:
     prefill: PrefillMethod
     decode: DecodeMethod
 
+    @property
+    def chunkable(self) -> bool:
+        """Whether a turn's prefill may be split into chunks without changing the result."""
+        return self.prefill.chunkable and self.decode.chunkable
+
     def knobs(self) -> dict:
         return {**dataclasses.asdict(self.prefill), **dataclasses.asdict(self.decode)}
 

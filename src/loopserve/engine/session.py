@@ -8,73 +8,24 @@ session's bound method (see registry.py); dense is the reference.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import torch
 
+from ..cache.packed_cache import PackedCache
 from ..cache.session_cache import SessionCache
 from ..threads import configure as configure_threads
 from ..threads import ensure_configured as ensure_threads
-from .hook import TurnContext, install
+from .hook import PackedContext, TurnContext, install
 from .registry import BoundMethod, resolve_method
-from .sampling import Sampler, SamplingParams
+from .sampling import SamplingParams
+from .turn import PrefillProgress, Turn, TurnResult, TurnStats, common_prefix
+
+__all__ = ["ContextLengthError", "Engine", "Session", "TurnResult", "TurnStats", "TurnStream", "common_prefix"]
 
 
 class ContextLengthError(ValueError):
     """The prompt does not fit in the model's context window."""
-
-
-# Prefill progress: (layers done, layers in the model, tokens prefilled this turn).
-PrefillProgress = Callable[[int, int, int], None]
-
-
-@dataclass
-class TurnStats:
-    prompt_tokens: int = 0  # whole conversation prompt of this turn
-    cached_tokens: int = 0  # reused from the KV cache, not prefilled
-    prefill_tokens: int = 0  # prefilled this turn
-    new_tokens: int = 0  # generated this turn
-    ttft_s: float = 0.0
-    tpot_s: float = 0.0  # mean time per output token after the first
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    kv_tokens: int = 0  # resident per layer at the end of the turn
-    active_kv_tokens: int = 0  # attended per KV head at the last decode step
-    kv_bytes: int = 0  # resident KV bytes, all layers
-    peak_rss_mb: float = 0.0
-    finish_reason: str = ""
-    method: str = ""
-    extra: dict = field(default_factory=dict)  # method diagnostics (density, recall, ...)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class TurnResult:
-    text: str
-    token_ids: list[int]
-    stats: TurnStats
-
-
-def _peak_rss_mb() -> float:
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    except Exception:  # pragma: no cover - non-POSIX
-        return 0.0
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class Engine:
@@ -130,6 +81,36 @@ class Engine:
         )
         return out.logits[0]
 
+    @torch.inference_mode()
+    def forward_packed(self, steps: list[tuple[list[int], SessionCache, TurnContext]]) -> list[torch.Tensor]:
+        """One forward over a step of several conversations, each `(ids, cache, ctx)`, packed
+        along the sequence: the linear layers read the weights once for all of them, and
+        attention runs per conversation over its own cache (hook.py, PackedCache). Returns
+        each conversation's (1, V) logits at its last token."""
+        lengths = [len(ids) for ids, _, _ in steps]
+        packed = PackedCache([cache for _, cache, _ in steps], lengths)
+        input_ids = torch.tensor([[t for ids, _, _ in steps for t in ids]], dtype=torch.long)
+        pos = torch.cat([torch.arange(ctx.q_start, ctx.q_start + len(ids)) for ids, _, ctx in steps]).unsqueeze(0)
+        last = torch.tensor(lengths).cumsum(0) - 1
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=pos,
+            cache=packed,
+            use_cache=True,
+            logits_to_keep=last,
+            loopserve_ctx=PackedContext([ctx for _, _, ctx in steps], lengths, packed),
+        )
+        return [out.logits[0, i : i + 1] for i in range(len(steps))]
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes one token takes in a full (dense) cache, all layers."""
+        cfg = self.model.config
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        itemsize = next(self.model.parameters()).element_size()
+        return self.num_layers * heads * head_dim * 2 * itemsize
+
 
 class Session:
     """One conversation. Use `chat()` for a whole answer or `stream()` for text deltas."""
@@ -169,15 +150,20 @@ class Session:
         messages = self.messages + [{"role": "user", "content": text}]
         prompt = self.engine.encode_messages(messages)
         self._check_fits(prompt)
-        return TurnStream(self, prompt, sampling, messages, progress)
+        return TurnStream(Turn(self, prompt, sampling, messages, progress))
 
     def stream_ids(self, prompt: list[int], sampling: SamplingParams | None = None) -> "TurnStream":
         """Generate after an explicit token prompt (the server's path: it owns the messages)."""
-        if not prompt:
-            raise ValueError("empty prompt")
+        return TurnStream(self.prepare_turn(prompt, sampling))
+
+    def prepare_turn(self, prompt: list[int], sampling: SamplingParams | None = None, messages: list[dict] | None = None) -> Turn:
+        """A validated, not yet started turn after the token `prompt`, for a driver of the
+        forwards such as the Scheduler (validation raises before anything changes)."""
+        if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise ValueError("the prompt must be a non-empty list of token ids")
         sampling = (sampling or SamplingParams()).validate()
         self._check_fits(prompt)
-        return TurnStream(self, list(prompt), sampling, None)
+        return Turn(self, list(prompt), sampling, messages)
 
     def _check_fits(self, prompt: list[int]) -> None:
         limit = self.engine.max_context
@@ -200,22 +186,61 @@ class Session:
         self.messages = list(messages)
         self.turns = self.turns[:turns]
 
+    # -- lifecycle operations (the server and benchmarks use only these) ------------------
+    def prefill(self, ids: list[int]) -> None:
+        """Append `ids` to the history by one prefill forward, generating nothing (rebuilds
+        of a lost history, benchmark set-ups). A failed forward starts the session over."""
+        if not ids:
+            return
+        eng, m = self.engine, self.method
+        self._check_fits(self.token_ids + list(ids))
+        start = len(self.token_ids)
+        ctx = TurnContext(self.cache, m.prefill, m.decode, q_start=start, input_end=start + len(ids), num_layers=eng.num_layers)
+        m.decode.begin_turn(ctx)
+        try:
+            eng.forward(list(ids), self.cache, ctx)
+        except BaseException:
+            self.reset()  # a half-written forward
+            raise
+        self.token_ids.extend(ids)
+        self.cache.clear_views()
+
+    def fork(self, n: int | None = None, method: str | None = None, knobs: dict | None = None) -> "Session | None":
+        """A new session (method and knobs as in `Engine.new_session`) whose cache holds a
+        copy of this one's first `n` tokens (default all), or None when the cache cannot be
+        cut there (bounded-mode eviction). This session is left untouched."""
+        n = len(self.token_ids) if n is None else n
+        if not 0 <= n <= len(self.token_ids):
+            raise ValueError(f"cannot fork {n} tokens of a session holding {len(self.token_ids)}")
+        cache = self.cache.prefix_copy(n)
+        if cache is None:
+            return None
+        child = self.engine.new_session(method=method, knobs=knobs, system_prompt=self.system_prompt, reuse_kv=self.reuse_kv)
+        child.cache = cache
+        child.token_ids = list(self.token_ids[:n])
+        return child
+
+    @property
+    def allocated_bytes(self) -> int:
+        """KV bytes this session holds allocated (capacity included): what budgets count."""
+        return self.cache.allocated_bytes
+
     def stats_table(self) -> list[dict]:
         return [t.as_dict() for t in self.turns]
 
 
 class TurnStream:
-    """Iterator of text deltas for one turn; `.result` holds the TurnResult when done."""
+    """Iterator of text deltas for one turn, run alone (one forward per step over the
+    session's own cache); `.result` holds the TurnResult when done."""
 
-    def __init__(self, session: Session, prompt: list[int], sampling: SamplingParams, messages: list[dict] | None,
-                 progress: PrefillProgress | None = None):
-        self.session = session
-        self.prompt = prompt
-        self.sampling = sampling
-        self.messages = messages
-        self.progress = progress
-        self.result: TurnResult | None = None
+    def __init__(self, turn: Turn):
+        self.session = turn.session
+        self.turn = turn
         self._gen = self._run()
+
+    @property
+    def result(self) -> TurnResult | None:
+        return self.turn.result
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -227,99 +252,14 @@ class TurnStream:
         self._gen.close()
 
     def _run(self) -> Iterator[str]:
-        s, eng = self.session, self.session.engine
-        method = s.method
-        prompt, params = self.prompt, self.sampling
-        stats = TurnStats(prompt_tokens=len(prompt), method=method.name)
-        # Longest shared prefix with what the cache holds; at least one token is prefilled
-        # so that the next-token logits exist.
-        reuse = _common_prefix(s.token_ids, prompt) if s.reuse_kv else 0
-        reuse = min(reuse, len(prompt) - 1)
-        t0 = time.perf_counter()
+        turn, eng = self.turn, self.session.engine
         try:
-            if reuse < len(s.token_ids):
-                try:
-                    s.cache.crop(reuse - len(s.token_ids))
-                except RuntimeError:  # bounded-mode eviction makes the tail uncroppable
-                    s.cache = SessionCache(eng.num_layers)
-                    reuse = 0
-                s.token_ids = s.token_ids[:reuse]
-            ctx = TurnContext(s.cache, method.prefill, method.decode, q_start=reuse, input_end=len(prompt), num_layers=eng.num_layers)
-            if self.progress is not None:
-                ctx.on_prefill_layer = lambda layer, n: self.progress(layer + 1, eng.num_layers, n)
-            method.decode.begin_turn(ctx)
-            new = prompt[reuse:]
-            logits = eng.forward(new, s.cache, ctx)
-            s.token_ids.extend(new)
-            ctx.on_prefill_layer = None
-            method.decode.after_prefill(ctx)
-            stats.cached_tokens, stats.prefill_tokens = reuse, len(new)
-            stats.extra["prefill_attention_s"] = ctx.prefill_attention_s
-            sampler = Sampler(params)
-            generated: list[int] = []
-            history = torch.tensor([prompt], dtype=torch.long)
-            tok = sampler(logits[-1:], history)
-            stats.ttft_s = stats.prefill_s = time.perf_counter() - t0
-            text = emitted = ""
-            finish = "length"
-            hold = max((len(x) for x in params.stop), default=1) - 1
-            t_dec = time.perf_counter()
-            while True:
-                if tok in eng.eos_ids and not params.ignore_eos:
-                    finish = "stop"
-                    break
-                generated.append(tok)
-                text = eng.tokenizer.decode(generated, skip_special_tokens=True)
-                cut = min((text.find(x) for x in params.stop if x in text), default=-1)
-                if cut >= 0:
-                    text, finish = text[:cut], "stop"
-                if finish == "stop" or len(generated) >= params.max_new_tokens or len(s.token_ids) + 1 >= eng.max_context:
-                    break
-                # Hold back an incomplete UTF-8 character and a possible stop-string prefix.
-                safe = text[: len(text) - hold] if hold else text
-                if not safe.endswith("\ufffd") and len(safe) > len(emitted) and safe.startswith(emitted):
-                    yield safe[len(emitted):]
-                    emitted = safe
-                ctx.q_start = len(s.token_ids)
-                logits = eng.forward([tok], s.cache, ctx)
-                s.token_ids.append(tok)
-                history = torch.tensor([prompt + generated], dtype=torch.long)
-                tok = sampler(logits[-1:], history)
-            # Flush what was held back (an incomplete character, a stop-string prefix).
-            if len(text) > len(emitted) and text.startswith(emitted):
-                yield text[len(emitted):]
-            emitted = text
-            stats.new_tokens = len(generated)
-            stats.decode_s = time.perf_counter() - t_dec
-            stats.tpot_s = stats.decode_s / max(len(generated) - 1, 1) if len(generated) > 1 else 0.0
-            method.decode.end_turn(ctx)
+            turn.begin()
+            while not turn.done:
+                ids = turn.next_input()
+                logits = eng.forward(ids, self.session.cache, turn.ctx)
+                yield from turn.advance(ids, logits)
         except BaseException:
-            # Keep the session usable: the cache must hold exactly `token_ids`. A failure
-            # mid-forward may have appended KV for some layers only, so cut back to the
-            # last consistent length (everything before this turn's new tokens).
-            self._restore(reuse)
+            if not turn.done:  # a finished turn's cache is already consistent
+                turn.abort()
             raise
-        finish = finish if finish else "length"
-        stats.finish_reason = finish
-        stats.kv_tokens = s.cache.resident_tokens
-        stats.active_kv_tokens = s.cache.active_tokens
-        stats.kv_bytes = s.cache.nbytes
-        stats.peak_rss_mb = _peak_rss_mb()
-        stats.extra.update({k: sum(v) / len(v) for k, v in ctx.stats.items() if v})
-        s.turns.append(stats)
-        if self.messages is not None:
-            s.messages = self.messages + [{"role": "assistant", "content": emitted}]
-        self.result = TurnResult(emitted, generated, stats)
-
-    def _restore(self, keep: int) -> None:
-        s = self.session
-        keep = min(keep, len(s.token_ids))
-        try:
-            for layer in s.cache.layers:
-                layer.clear_view()
-                if layer.length > keep and layer.is_initialized:
-                    layer.crop(keep - layer.next_position)
-            s.token_ids = s.token_ids[:keep]
-        except RuntimeError:
-            s.cache = SessionCache(s.engine.num_layers)
-            s.token_ids = []

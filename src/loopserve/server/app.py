@@ -51,7 +51,7 @@ class ServerConfig:
     db_path: str | None = None
     kv_budget_bytes: int = 1 << 30  # KV bytes of all live sessions before LRU eviction
     max_queue: int = 16  # requests waiting + running; more get 429
-    max_active: int = 4  # requests decoded round-robin at once (the rest wait in order)
+    max_active: int = 4  # requests batched into each forward at once (the rest wait in order)
     max_body_bytes: int = 8 << 20
     default_max_tokens: int = 256
     default_temperature: float = 1.0  # OpenAI's default; send temperature=0 for greedy answers

@@ -35,7 +35,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "default with --ray: redis://127.0.0.1:6379/0)")
     p.add_argument("--kv-budget-mb", type=float, default=1024.0, help="KV memory of all live sessions before LRU eviction")
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting + running before 429")
-    p.add_argument("--max-active", type=int, default=4, help="requests decoded round-robin at once")
+    p.add_argument("--max-active", type=int, default=4, help="requests batched into each forward at once")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest accepted request body")
     p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request sets none")
     p.add_argument("--default-temperature", type=float, default=1.0, help="temperature when a request sets none (OpenAI: 1)")

@@ -11,10 +11,13 @@
   last spliced answer (the state the conversation was persisted in), and the new turn is
   prefilled on top. Idle sessions are evicted least recently used first while the KV
   bytes of all sessions exceed the budget.
-- `Worker` is the one thread that touches the model. It runs up to `max_active` requests
-  round-robin, one decode step each per pass (so a new request's first token does not
-  wait for whole answers of earlier ones), checks cancellation between steps, and
-  persists every finished turn before it reports the end of the answer.
+- `Worker` is the one thread that touches the model. It drives the engine's `Scheduler`
+  (engine/scheduler.py) with up to `max_active` requests: every iteration is one forward
+  that carries the next token of every decoding request plus a chunk of a new request's
+  prefill (so a new request's first token does not wait for whole answers of earlier
+  ones, and eight conversations cost about one weight read per token, not eight). It
+  checks cancellation between iterations, and persists every finished turn before it
+  reports the end of the answer.
 """
 
 from __future__ import annotations
@@ -29,78 +32,20 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 
-from ..cache.session_cache import SessionCache
-from ..engine.hook import TurnContext
 from ..engine.registry import resolve_method
 from ..engine.sampling import SamplingParams
-from ..engine.session import Engine, Session
+from ..engine.scheduler import Scheduler, Sequence
+from ..engine.session import Engine, Session, common_prefix
 from .hashing import IdsHasher
 from .store_api import ConversationStore
 
 log = logging.getLogger("loopserve.server")
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix (slice comparisons run at C speed)."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
 def kv_bytes(session: Session) -> int:
-    """Bytes the session's KV cache holds allocated (store capacity and active view), or
-    the resident bytes (`cache.nbytes`) if the layer internals are not what we expect."""
-    total = 0
-    try:
-        for layer in session.cache.layers:
-            for name in ("_k", "_v", "_vk", "_vv", "_pos"):
-                t = getattr(layer, name, None)
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-    except Exception:  # pragma: no cover - defensive
-        total = 0
-    return total or session.cache.nbytes
-
-
-def clone_prefix(session: Session, n: int) -> SessionCache | None:
-    """A new cache holding a copy of the first n tokens' KV of `session`, or None when the
-    cache cannot be cut there (bounded-mode eviction left per-head holes)."""
-    eng = session.engine
-    cache = SessionCache(eng.num_layers)
-    if n <= 0:
-        return cache
-    for src, dst in zip(session.cache.layers, cache.layers):
-        if not src.is_initialized or src.length < n or src.next_position != src.length:
-            return None
-        dst.update(src.keys[..., :n, :], src.values[..., :n, :])
-    return cache
-
-
-def prefill_only(session: Session, ids: list[int]) -> None:
-    """Append `ids` to the session's history by one prefill forward (no generation)."""
-    if not ids:
-        return
-    eng, m = session.engine, session.method
-    start = len(session.token_ids)
-    ctx = TurnContext(session.cache, m.prefill, m.decode, q_start=start, input_end=start + len(ids), num_layers=eng.num_layers)
-    m.decode.begin_turn(ctx)
-    try:
-        eng.forward(list(ids), session.cache, ctx)
-    except BaseException:
-        session.reset()  # a half-written forward: start this session over
-        raise
-    session.token_ids.extend(ids)
-    session.cache.clear_views()
+    """Bytes the session's KV cache holds allocated (store capacity and active view)."""
+    return session.allocated_bytes
 
 
 # -- prompt building -------------------------------------------------------------------------
@@ -220,11 +165,8 @@ class SessionPool:
         self.forks = 0
         self.rebuilds = 0
 
-    def _new(self, cache: SessionCache | None, token_ids: list[int], conversation_id: str | None, knobs: dict) -> PooledSession:
-        s = self.engine.new_session(method=self.method, knobs=knobs)
-        if cache is not None:
-            s.cache = cache
-            s.token_ids = list(token_ids)
+    def _new(self, session: Session | None, conversation_id: str | None, knobs: dict) -> PooledSession:
+        s = session if session is not None else self.engine.new_session(method=self.method, knobs=knobs)
         p = PooledSession(uuid.uuid4().hex[:12], s, conversation_id or f"conv-{uuid.uuid4().hex[:16]}", dict(knobs))
         self.sessions[p.sid] = p
         return p
@@ -248,13 +190,13 @@ class SessionPool:
             pooled = None
             if best_fork is not None:
                 n = min(fork_len, len(prompt) - 1)
-                cache = clone_prefix(best_fork.session, n)
-                if cache is not None:
-                    pooled = self._new(cache, prompt[:n], conversation_id, knobs)
+                child = best_fork.session.fork(n, method=self.method, knobs=knobs)
+                if child is not None:
+                    pooled = self._new(child, conversation_id, knobs)
                     kind, reused = "fork", n
                     self.forks += 1
             if pooled is None:
-                pooled = self._new(None, [], conversation_id, knobs)
+                pooled = self._new(None, conversation_id, knobs)
                 kind, reused = "new", 0
         pooled.busy = True
         pooled.last_used = time.monotonic()
@@ -268,7 +210,7 @@ class SessionPool:
             # (A live session that lacks only the last answer token, which decoding never feeds
             # back, is not a lost history: the turn's prefill covers that token.)
             if end - have > 1 and common_prefix(pooled.session.token_ids, prompt) == have:
-                prefill_only(pooled.session, prompt[have:end])
+                pooled.session.prefill(prompt[have:end])
                 rebuilt = end - have
                 kind += "+rebuild"
                 self.rebuilds += 1
@@ -330,7 +272,7 @@ class Job:
         self.t_start = 0.0
         self.t_first = 0.0
         self.acquired: Acquired | None = None
-        self.stream = None
+        self.seq: Sequence | None = None  # the turn in the worker's scheduler
         self.deltas = 0
 
     def cancel(self) -> None:
@@ -359,7 +301,7 @@ class Job:
 
 class Worker:
     def __init__(self, pool: SessionPool, store: ConversationStore | None, model_key: str, metrics=None, max_active: int = 4,
-                 pause_file: str | None = None):
+                 pause_file: str | None = None, chunk_tokens: int = 512):
         self.pool = pool
         # While this file exists, admitted requests wait before their next step (failure
         # drills: a request provably in flight when a replica is killed).
@@ -368,6 +310,10 @@ class Worker:
         self.model_key = model_key
         self.metrics = metrics
         self.max_active = max(1, int(max_active))
+        # The pool's LRU budget governs the KV of idle sessions; running turns are bounded
+        # by max_active, so the scheduler itself takes no byte budget here.
+        self.scheduler = Scheduler(pool.engine, chunk_tokens=chunk_tokens, max_running=self.max_active)
+        self._jobs: dict[int, Job] = {}  # scheduler sequence id -> job
         self._q: "queue.Queue[Job | None]" = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -410,6 +356,8 @@ class Worker:
                     continue
                 for job in list(self.active):
                     self._step(job)
+                if self.active:
+                    self._iterate()
             except Exception:  # pragma: no cover - the loop must survive anything
                 log.exception("worker loop error")
         for job in list(self.active):
@@ -450,29 +398,34 @@ class Worker:
         acq = self.pool.acquire(p.ids, job.knobs, history_end=p.history_end, conversation_id=p.conversation_id)
         job.acquired = acq
         try:
-            job.stream = acq.pooled.session.stream_ids(p.ids, job.sampling)
+            job.seq = self.scheduler.submit(acq.pooled.session, p.ids, job.sampling, on_delta=lambda seq, d: self._delta(job, d))
         except BaseException:
             self.pool.release(acq.pooled)
             raise
+        self._jobs[job.seq.seq_id] = job
         self.pool.enforce_budget()
 
     def _step(self, job: Job) -> None:
+        """Between two scheduler iterations, per running job: a cancelled one leaves now."""
         if job.cancelled:
             self._cancel(job)
-            return
-        try:
-            delta = next(job.stream)
-        except StopIteration:
+
+    def _iterate(self) -> None:
+        """One scheduler iteration (one forward for every running job); report what ended."""
+        for seq in self.scheduler.step():
+            job = self._jobs.pop(seq.seq_id, None)
+            if job is None or job not in self.active:
+                continue
             self.active.remove(job)
-            self._finish(job)
-            return
-        except Exception as e:
-            self.active.remove(job)
-            log.exception("request %s failed", job.request_id)
-            self.pool.drop(job.acquired.pooled)
-            self._m("failed")
-            job.sink("error", e)
-            return
+            if seq.status == "finished":
+                self._finish(job)
+            else:
+                log.error("request %s failed: %r", job.request_id, seq.error)
+                self.pool.drop(job.acquired.pooled)
+                self._m("failed")
+                job.sink("error", seq.error or RuntimeError(f"generation ended as {seq.status}"))
+
+    def _delta(self, job: Job, delta: str) -> None:
         if not job.t_first:
             job.t_first = time.perf_counter()
         job.deltas += 1
@@ -485,19 +438,20 @@ class Worker:
         if job.acquired is not None:
             s = job.acquired.pooled.session
             generated = max(0, len(s.token_ids) - len(job.prompt.ids))
-            try:
-                if job.stream is not None:
-                    job.stream.close()  # the engine cuts the cache back to its last consistent state
-            except Exception:  # pragma: no cover
-                log.exception("closing a cancelled stream failed")
-                self.pool.drop(job.acquired.pooled)
+            if job.seq is not None:
+                self._jobs.pop(job.seq.seq_id, None)
+                try:
+                    self.scheduler.cancel(job.seq)  # the engine cuts the cache back to its last consistent state
+                except Exception:  # pragma: no cover
+                    log.exception("cancelling a running turn failed")
+                    self.pool.drop(job.acquired.pooled)
             self.pool.release(job.acquired.pooled)
         self._m("cancelled", generated)
         job.sink("cancelled", None)
 
     def _finish(self, job: Job) -> None:
         acq = job.acquired
-        res = job.stream.result
+        res = job.seq.result
         pooled = acq.pooled
         tok = pooled.session.engine.tokenizer
         text = res.text
