@@ -167,9 +167,17 @@ async def _watch_disconnect(request: Request, job: Job, on_withdrawn) -> None:
 
 _CHAT_RESPONSES = {
     200: {"model": ChatCompletion, "description": "The answer; with `stream: true`, server-sent events instead.",
-          "content": {"text/event-stream": {"schema": {"type": "string", "description": (
-              "`data: <ChatCompletionChunk JSON>` events, then `data: [DONE]`; a failure mid-stream is a "
-              "`data: <ErrorBody JSON>` event before `[DONE]`.")}}}},
+          # One server-sent event (OpenAPI 3.0/3.1 tools, schemathesis among them, read the
+          # schema of text/event-stream per event, as OpenAPI 3.2's itemSchema).
+          "content": {"text/event-stream": {"schema": {
+              "type": "object", "required": ["data"],
+              "properties": {
+                  "data": {"type": "string", "description": (
+                      "A ChatCompletionChunk as JSON; `[DONE]` last; a failure mid-stream is an "
+                      "ErrorBody JSON event before `[DONE]`.")},
+                  "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"},
+              },
+              "description": "`data: <ChatCompletionChunk JSON>` events, then `data: [DONE]`."}}}},
     **_errors(400, 401, 404, 413, 429, 500, 503),
 }
 
