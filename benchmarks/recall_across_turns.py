@@ -20,14 +20,14 @@ and writes every case as JSON lines to ``--out``.
         --configs 'dense' 'loopserve+dense' 'loopserve+dense:alpha=0.95' 'loopserve+dense:spike_tau=0.1' \
         --out runs/recall-across-turns.jsonl
 
-It drives the model's forward directly (like ``prefill_attention_kernel.py``): a
-diagnostic that needs the logits of given tokens, which no serving path exposes.
+It uses the engine's public session API only: ``Session.prefill`` (which returns the
+logits and the prefill method's diagnostics) and ``Session.fork`` (each configuration
+starts from a copy of the same dense history).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import random
 import sys
@@ -36,9 +36,7 @@ from pathlib import Path
 
 import torch
 
-from loopserve.cache.session_cache import SessionCache
-from loopserve.engine import Engine, SamplingParams, resolve_method
-from loopserve.engine.hook import TurnContext
+from loopserve.engine import Engine, SamplingParams
 from loopserve.engine.registry import parse_knobs
 from loopserve.models import load_model
 from loopserve.textdata import essays_text
@@ -74,12 +72,6 @@ def make_cases(tokenizer, count: int, seed: int = 1) -> list[dict]:
     return cases
 
 
-def _forward(engine: Engine, cache: SessionCache, ids: list[int], start: int, method, all_logits=False):
-    ctx = TurnContext(cache, method.prefill, method.decode, q_start=start, input_end=start + len(ids),
-                      num_layers=engine.num_layers)
-    return engine.forward(ids, cache, ctx, all_logits=all_logits), ctx
-
-
 def parse_config(text: str) -> tuple[str, dict]:
     """``METHOD[:KNOB=VALUE,...]``."""
     name, _, knobs = text.partition(":")
@@ -87,8 +79,10 @@ def parse_config(text: str) -> tuple[str, dict]:
 
 
 def run(engine: Engine, cases: list[dict], configs: list[str], positions, out: Path) -> list[dict]:
-    tok, dense = engine.tokenizer, resolve_method("dense")
-    methods = {c: resolve_method(*parse_config(c)) for c in configs}
+    tok = engine.tokenizer
+    parsed = {c: parse_config(c) for c in configs}
+    for name, knobs in parsed.values():  # a bad name or knob fails before any work
+        engine.new_session(method=name, knobs=knobs)
     records = []
     for i, case in enumerate(cases):
         session = engine.new_session(method="dense")
@@ -96,20 +90,19 @@ def run(engine: Engine, cases: list[dict], configs: list[str], positions, out: P
         messages = [m for u, a in zip(case["history"], answers)
                     for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
         history = list(tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"])
-        base = SessionCache(engine.num_layers)
-        _forward(engine, base, history, 0, dense)
+        base = engine.new_session(method="dense")
+        base.prefill(history)
         prefix = list(tok(f"The pass key for {case['label']} is", add_special_tokens=False)["input_ids"])
         gold = list(tok(f"The pass key for {case['label']} is {case['key']}", add_special_tokens=False)["input_ids"])
         gold = gold[len(prefix):]
         for pos in positions:
             full = engine.encode_messages(messages + [{"role": "user", "content": case["turn"][pos]}])
             turn = full[len(history):]
-            for config, method in methods.items():
-                cache = copy.deepcopy(base)
-                _, ctx = _forward(engine, cache, turn, len(history), method)
-                logits, _ = _forward(engine, cache, prefix + gold, len(full), dense, all_logits=True)
-                logp = torch.log_softmax(logits.float(), -1)[len(prefix) - 1:-1]
-                density = ctx.stats.get("prefill_density")
+            for config, (name, knobs) in parsed.items():
+                trial = base.fork(method=name, knobs=knobs)
+                density = trial.prefill(turn).stats.get("prefill_density")
+                answer = trial.fork(method="dense").prefill(prefix + gold, all_logits=True).logits
+                logp = torch.log_softmax(answer.float(), -1)[len(prefix) - 1:-1]
                 rec = {"case": i, "position": pos, "config": config,
                        "logp": float(sum(logp[j, g] for j, g in enumerate(gold))),
                        "exact": all(int(logp[j].argmax()) == g for j, g in enumerate(gold)),

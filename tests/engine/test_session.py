@@ -224,3 +224,19 @@ def test_fork_and_prefill_are_public_lifecycle_operations(tiny_models):
     for _ in c:
         pass
     assert c.result.token_ids == b.result.token_ids and c.result.stats.cached_tokens == len(before)
+
+
+def test_prefill_returns_logits_and_the_methods_diagnostics():
+    from loopserve.engine import Engine
+    from loopserve.models import load_model
+
+    engine = Engine(load_model("tiny-llama"), method="dense")
+    ids = engine.encode_messages([{"role": "user", "content": "a prefill that returns its logits " * 4}])
+    dense = engine.new_session(method="dense")
+    last = dense.prefill(ids).logits
+    every = engine.new_session(method="dense").prefill(ids, all_logits=True).logits
+    assert every.shape[0] == len(ids) and torch.allclose(every[-1:], last, atol=1e-5)
+    sparse = engine.new_session(method="loopserve+dense", knobs={"min_keys": 0, "min_new": 0, "probe": 8})
+    stats = sparse.prefill(ids).stats
+    assert len(stats["prefill_density"]) == engine.num_layers and all(0 < d <= 1 for d in stats["prefill_density"])
+    assert sparse.token_ids == ids and dense.prefill([]) is None

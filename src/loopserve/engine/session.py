@@ -8,6 +8,7 @@ session's bound method (see registry.py); dense is the reference.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -21,7 +22,16 @@ from .registry import BoundMethod, resolve_method
 from .sampling import SamplingParams
 from .turn import PrefillProgress, Turn, TurnResult, TurnStats, common_prefix
 
-__all__ = ["ContextLengthError", "Engine", "Session", "TurnResult", "TurnStats", "TurnStream", "common_prefix"]
+__all__ = ["ContextLengthError", "Engine", "PrefillResult", "Session", "TurnResult", "TurnStats", "TurnStream", "common_prefix"]
+
+
+@dataclass
+class PrefillResult:
+    """What `Session.prefill` returns: next-token logits ``(positions, vocab)`` and the
+    prefill method's diagnostics of that forward."""
+
+    logits: torch.Tensor
+    stats: dict
 
 
 class ContextLengthError(ValueError):
@@ -187,23 +197,27 @@ class Session:
         self.turns = self.turns[:turns]
 
     # -- lifecycle operations (the server and benchmarks use only these) ------------------
-    def prefill(self, ids: list[int]) -> None:
+    def prefill(self, ids: list[int], all_logits: bool = False) -> "PrefillResult | None":
         """Append `ids` to the history by one prefill forward, generating nothing (rebuilds
-        of a lost history, benchmark set-ups). A failed forward starts the session over."""
+        of a lost history, benchmark set-ups and diagnostics). Returns the next-token logits
+        (of the last position, or of every position with `all_logits`) and the prefill
+        method's per-forward diagnostics (e.g. `prefill_density`, one value per layer); None
+        for no ids. A failed forward starts the session over."""
         if not ids:
-            return
+            return None
         eng, m = self.engine, self.method
         self._check_fits(self.token_ids + list(ids))
         start = len(self.token_ids)
         ctx = TurnContext(self.cache, m.prefill, m.decode, q_start=start, input_end=start + len(ids), num_layers=eng.num_layers)
         m.decode.begin_turn(ctx)
         try:
-            eng.forward(list(ids), self.cache, ctx)
+            logits = eng.forward(list(ids), self.cache, ctx, all_logits=all_logits)
         except BaseException:
             self.reset()  # a half-written forward
             raise
         self.token_ids.extend(ids)
         self.cache.clear_views()
+        return PrefillResult(logits, {k: list(v) for k, v in ctx.stats.items()})
 
     def fork(self, n: int | None = None, method: str | None = None, knobs: dict | None = None) -> "Session | None":
         """A new session (method and knobs as in `Engine.new_session`) whose cache holds a
