@@ -30,14 +30,32 @@ def _declared() -> set[str]:
     return {_requirement_name(r) for r in reqs}
 
 
+def _optional(tree: ast.AST) -> set[int]:
+    """ids of import nodes inside `try: ... except ImportError` (optional by construction:
+    the script runs without them, e.g. flash_attn in the GPU benchmark)."""
+    ids = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Try) and any(
+            isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError") for h in node.handlers
+        ):
+            ids |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return ids
+
+
 def _imports(path: Path) -> set[str]:
+    """Top-level modules `path` imports, less optional ones and the scripts next to it."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    optional = _optional(tree)
+    siblings = {p.stem for p in path.parent.glob("*.py")}
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(tree):
+        if id(node) in optional:
+            continue
         if isinstance(node, ast.Import):
             names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
-    return names
+    return names - siblings
 
 
 def test_every_imported_third_party_module_is_declared():
@@ -50,3 +68,11 @@ def test_every_imported_third_party_module_is_declared():
             if _normalized(DISTRIBUTION.get(name, name)) not in declared:
                 missing.setdefault(name, []).append(str(path.relative_to(REPO)))
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+def test_optional_and_sibling_imports_are_not_dependencies(tmp_path):
+    (tmp_path / "helper.py").write_text("X = 1\n")
+    script = tmp_path / "script.py"
+    script.write_text("import numpy\nfrom helper import X\ntry:\n    import flash_attn\nexcept ImportError:\n"
+                      "    flash_attn = None\nimport notinstalled_pkg\n")
+    assert _imports(script) == {"numpy", "notinstalled_pkg"}
