@@ -4,7 +4,7 @@
 # a Phase 2 view; one JSON object (docs/benchmarks.md, "GPU kernels"). Needs torch with CUDA and
 # the gpu extra (pip install -e '.[gpu]'). Extra arguments go to benchmarks/gpu_kernels.py.
 #   bash benchmarks/gpu.sh                      # -> docs/results/gpu-kernels.json
-#   OUT=/tmp/h200.json bash benchmarks/gpu.sh --N 131072 --repeat 10
+#   OUT=runs/h200.json bash benchmarks/gpu.sh --N 131072 --repeat 10
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

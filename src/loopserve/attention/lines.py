@@ -466,13 +466,17 @@ def _native_greedy():
 # --------------------------------------------------------------------------------------
 
 
+def _covered_cells(pos: torch.Tensor, vertical: torch.Tensor, slash: torch.Tensor, N: int) -> torch.Tensor:
+    """``(B, s, N)``: which cells of the probe rows at ``pos`` the chosen lines (bool masks
+    ``(B, N)``) cover; a cell is covered by its column or by the slash through it."""
+    offset = (pos[:, None] - torch.arange(N)[None, :]).clamp_min(0)  # (s, N): the slash through each cell
+    return vertical[:, None, :] | slash[:, offset]
+
+
 def row_coverage(A: torch.Tensor, pos: torch.Tensor, vertical: torch.Tensor, slash: torch.Tensor) -> torch.Tensor:
     """``(B, s)``: the fraction of each probe row's attention mass that the chosen lines
     (bool masks ``(B, N)``) cover; each cell counts once."""
-    B, s, N = A.shape
-    keys = torch.arange(N)
-    offset = (pos[:, None] - keys[None, :]).clamp_min(0)  # (s, N): the slash through each cell
-    covered = vertical[:, None, :] | slash[:, offset]  # (B, s, N)
+    covered = _covered_cells(pos, vertical, slash, A.shape[-1])
     mass = A.sum(-1).clamp_min(torch.finfo(A.dtype).tiny)
     return (A * covered).sum(-1) / mass
 
@@ -488,11 +492,9 @@ def _raise_row_floor(A, pos, cover: CoverResult, floor: float, max_rounds: int =
     ``max_rounds`` get the columns of their own largest uncovered cells, so the floor
     always holds. Returns the greedy rounds run.
     """
-    keys = torch.arange(A.shape[-1])
-    offset = (pos[:, None] - keys[None, :]).clamp_min(0)  # (s, N): the slash through each cell
     mass = A.sum(-1)
     for rounds in range(max_rounds + 1):
-        uncovered = ~(cover.vertical[:, None, :] | cover.slash[:, offset])
+        uncovered = ~_covered_cells(pos, cover.vertical, cover.slash, A.shape[-1])
         residual = A * uncovered
         short = (floor * mass - (mass - residual.sum(-1))).clamp_min(0)  # (B, s) mass still needed
         low = short > 1e-6 * mass
