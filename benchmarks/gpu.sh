@@ -12,5 +12,6 @@ OUT=${OUT:-docs/results/gpu-kernels.json}
 "$PY" -c 'import torch, sys; torch.cuda.is_available() or sys.exit("no CUDA device: torch.cuda.is_available() is False (a CPU-only torch build, or no GPU)")'
 "$PY" -c 'import triton' 2>/dev/null || { echo "Triton is not installed: pip install -e '.[gpu]'" >&2; exit 1; }
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >&2
+mkdir -p "$(dirname "$OUT")"
 PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" "$PY" benchmarks/gpu_kernels.py --out "$OUT" "$@"
 echo "wrote $OUT" >&2
