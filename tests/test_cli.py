@@ -12,6 +12,7 @@ import torch
 import loopserve
 from loopserve.cli import CHAT_COMMANDS, build_parser, main
 from loopserve.engine import Engine
+from loopserve.models import resolve_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 from loopserve import threads
@@ -112,7 +113,7 @@ def test_bench_kv_reuse_json_on_tiny_model(capsys):
     for key in ("context", "reuse_ttft_s", "reprefill_ttft_s", "speedup"):
         assert key in out
     assert out["new_tokens"] < out["prompt_tokens"]
-    assert out["threads"] == 1 and out["dtype"] == "float32"  # the settings the timings depend on
+    assert out["threads"] == 1 and out["dtype"] == resolve_dtype("auto")  # the settings the timings depend on
 
 
 def leaf_commands(parser: argparse.ArgumentParser, path=()):

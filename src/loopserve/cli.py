@@ -8,7 +8,7 @@ import os
 import sys
 
 from . import __version__
-from .cli_options import add_common_options, apply_common_options
+from .cli_options import add_common_options, add_dtype_option, apply_common_options
 from .cliparser import HelpParser
 
 # Chat's sampling defaults: a little randomness and a repetition guard, so that a small
@@ -41,7 +41,7 @@ def _engine(args):
 
 def _model_args(p: argparse.ArgumentParser, method: str = "dense") -> None:
     p.add_argument("--model", default="smollm2", help="smollm2, tiny-llama|tiny-qwen2|tiny-qwen3, or a local HF folder")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight and activation dtype")
+    add_dtype_option(p)
     p.add_argument("--method", default=method, help="method name (see `loopserve methods`), or PREFILL+DECODE")
     p.add_argument("--knob", action="append", metavar="NAME=VALUE", help="method knob, repeatable (e.g. alpha=0.9; default: none, the method's defaults)")
     add_common_options(p)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_common_options", "apply_common_options", "thread_count"]
+__all__ = ["DTYPE_HELP", "add_common_options", "add_dtype_option", "apply_common_options", "thread_count"]
 
 
 def thread_count(text: str) -> int:
@@ -28,6 +28,19 @@ def add_common_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--threads", type=thread_count, default=None, metavar="N",
         help="threads for torch, the native kernels and the tokenizers together (default: the physical cores)",
     )
+    return parser
+
+
+#: Kept in step with ``loopserve.models.loader.DTYPE_CHOICES`` (a test checks it); listed
+#: here so that parsing does not import torch.
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "bf16-prefill")
+DTYPE_HELP = ("numerics: auto (bf16-prefill where the CPU has BF16 instructions, else float32), float32, "
+              "bfloat16, or bf16-prefill (bfloat16 weights for prefill, float32 for decode and the KV cache)")
+
+
+def add_dtype_option(parser: argparse.ArgumentParser, default: str = "auto") -> argparse.ArgumentParser:
+    """``--dtype`` of the commands that load a model."""
+    parser.add_argument("--dtype", default=default, choices=DTYPE_CHOICES, help=DTYPE_HELP)
     return parser
 
 

@@ -334,9 +334,9 @@ def test_stratified_probe_rows_leave_no_stratum_empty():
     assert not torch.equal(head, probe_rows(n, n_probe=s, n_last=n_last, seed=4, stratified=True)[:s])
 
 
-def _spike_reference(q, k, tau, sinks, local, scale):
-    """Brute force: per KV head, columns outside sinks and the local window where some row
-    of the group has exp(score - lse(sinks + window)) >= tau."""
+def _spike_reference(q, k, tau, sinks, local, scale, rows):
+    """Brute force: per KV head, columns outside sinks and the local window where one of
+    ``rows`` of the group has exp(score - lse(sinks + window)) >= tau."""
     H, n, D = q.shape
     Hkv, N, _ = k.shape
     G = H // Hkv
@@ -345,7 +345,7 @@ def _spike_reference(q, k, tau, sinks, local, scale):
         cols = set()
         for g in range(G):
             S = (q[h * G + g].double() * scale) @ k[h].double().T
-            for r in range(n):
+            for r in rows:
                 p = N - n + r
                 window = list(range(max(0, p - local + 1), p + 1))
                 sink = [j for j in range(min(sinks, N)) if j < p - local + 1]
@@ -357,16 +357,19 @@ def _spike_reference(q, k, tau, sinks, local, scale):
     return out
 
 
-@pytest.mark.parametrize("G, n, N, block", [(1, 40, 40, 16), (2, 30, 150, 16), (3, 25, 203, 8)])
-def test_spike_columns_match_brute_force(G, n, N, block):
-    from loopserve.attention.lines import spike_columns
+@pytest.mark.parametrize("G, n, N, stride, offset", [(1, 40, 40, 1, 0), (2, 30, 150, 4, 1), (3, 25, 203, 3, 5)])
+def test_spike_columns_match_brute_force(G, n, N, stride, offset):
+    from loopserve.attention.lines import spike_columns, spike_rows
 
     torch.manual_seed(G * 100 + n)
     Hkv, D = 2, 16
     q, k = torch.randn(Hkv * G, n, D) * 0.7, torch.randn(Hkv, N, D) * 0.7
-    k[0, 5] = q[0, n - 3] * 3.0  # a row far from key 5 attends to it strongly
-    got = spike_columns(q, k, tau=0.2, sinks=2, local=8, block=block, row_chunk=7)
-    want = _spike_reference(q, k, 0.2, 2, 8, D**-0.5)
+    rows = spike_rows(n, stride, offset)
+    assert rows[-1] == n - 1 and len(rows) >= n // stride
+    far_row = int(rows[len(rows) // 2])
+    k[0, 5] = q[0, far_row] * 3.0  # a tested row far from key 5 attends to it strongly
+    got = spike_columns(q, k, tau=0.2, sinks=2, local=8, stride=stride, offset=offset, row_chunk=7)
+    want = _spike_reference(q, k, 0.2, 2, 8, D**-0.5, rows.tolist())
     assert [set(c.tolist()) for c in got] == want
     assert 5 in want[0]  # the planted far-back spike is among them
 
@@ -387,5 +390,5 @@ def test_spike_pass_catches_an_unprobed_row_reaching_far_back():
     q[:, row] = w * 5.0
     k[0, 42] = w * 5.0
     base = select_lines(q, k, alpha=0.9, probe_idx=probes, sinks=4, local=16)
-    spiky = select_lines(q, k, alpha=0.9, probe_idx=probes, sinks=4, local=16, spike_tau=0.05)
+    spiky = select_lines(q, k, alpha=0.9, probe_idx=probes, sinks=4, local=16, spike_tau=0.05, spike_stride=5)
     assert 42 not in base.vertical[0].tolist() and 42 in spiky.vertical[0].tolist()

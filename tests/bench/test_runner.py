@@ -17,6 +17,7 @@ from loopserve.bench import POSITIONS, build_datasets, load_dataset
 from loopserve.bench.commands import main
 from loopserve.bench.runner import BenchError, Unit, check_fits, read_results, resolve_knobs
 from loopserve.engine import method_names, resolve_method
+from loopserve.models import resolve_dtype
 from loopserve.engine import session as session_mod
 from loopserve.models import load_tokenizer
 
@@ -105,7 +106,7 @@ def test_smoke_run_writes_one_record_per_turn(smoke, data_dir, tokenizer):
         assert r["ttft_s"] > 0 and r["tpot_s"] >= 0 and r["peak_rss_mb"] > 0
         assert r["active_kv_tokens"] > 0 and r["kv_bytes"] > 0
         assert r["model"] == "tiny-llama" and r["golds"] and isinstance(r["prediction"], str)
-        assert r["dtype"] == "float32" and r["threads"] >= 1
+        assert r["dtype"] == resolve_dtype("auto") and r["threads"] >= 1  # the CLI's default numerics, resolved
         if r["method"] == "dense":
             assert r["prefill_density"] == 1.0
     # Honest history: each dense turn's prompt is the conversation so far with the model's
@@ -164,7 +165,7 @@ def test_rerun_skips_finished_units_and_leaves_the_file_identical(smoke, data_di
     assert chat_calls == []
     assert results.read_bytes() == before
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["units_run"] == 0 and summary["threads"] == 1 and summary["dtype"] == "float32"
+    assert summary["units_run"] == 0 and summary["threads"] == 1 and summary["dtype"] == resolve_dtype("auto")
 
 
 def test_rerun_redoes_only_the_unfinished_unit(smoke, data_dir, tmp_path, chat_calls):
@@ -377,3 +378,29 @@ def test_a_changed_default_does_not_mix_into_finished_results(data_dir, tmp_path
     before = results.read_bytes()
     assert main(args) == 2
     assert results.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_concurrent_run_records_the_same_answers_as_one_at_a_time(smoke, data_dir, tmp_path):
+    """`--concurrency 4` plays four units at once through the scheduler: every turn's record
+    is there once, with the same greedy answer as the one-at-a-time smoke run, and a resume
+    of the finished file runs nothing."""
+    results = tmp_path / "results.jsonl"
+    assert main(run_args(data_dir, results, extra=("--concurrency", "4"))) == 0
+    key = lambda r: (r["method"], r["dataset"], r["conversation"], r["position"], r["turn"])  # noqa: E731
+    alone = {key(r): r for r in records(smoke[0])}
+    batched = {key(r): r for r in records(results)}
+    assert batched.keys() == alone.keys()
+    assert all(batched[k]["prediction"] == alone[k]["prediction"] for k in alone)
+    assert {r["concurrency"] for r in batched.values()} == {4}
+    before = results.read_bytes()
+    assert main(run_args(data_dir, results, extra=("--concurrency", "4"))) == 0
+    assert results.read_bytes() == before
+
+
+def test_bad_concurrency_is_refused_before_anything_runs(data_dir, tmp_path, capsys):
+    results = tmp_path / "results.jsonl"
+    assert main(run_args(data_dir, results, extra=("--concurrency", "0"))) == 2
+    assert "--concurrency must be >= 1" in capsys.readouterr().err and not results.exists()

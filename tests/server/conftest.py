@@ -71,8 +71,10 @@ def make_server(tmp_path_factory, model=TINY, method="dense", knobs=None, **opti
     from loopserve.engine import Engine
     from loopserve.models import load_model
     from loopserve.server import create_app
+    from loopserve.server.app import ServerConfig
 
-    engine = Engine(load_model(model), method=method, knobs=knobs or {})
+    # The served default numerics (`loopserve serve`, Ray replicas), not the library's float32.
+    engine = Engine(load_model(model, dtype=ServerConfig.dtype), method=method, knobs=knobs or {})
     options.setdefault("db_path", str(tmp_path_factory.mktemp("db") / "conversations.sqlite"))
     options.setdefault("default_temperature", 0.0)
     return LiveServer(create_app(engine, **options)).start()

@@ -53,6 +53,7 @@ __all__ = [
     "row_coverage",
     "select_lines",
     "spike_columns",
+    "spike_rows",
 ]
 
 
@@ -515,6 +516,12 @@ def _raise_row_floor(A, pos, cover: CoverResult, floor: float, max_rounds: int =
     return max_rounds
 
 
+def spike_rows(n: int, stride: int, offset: int = 0) -> torch.Tensor:
+    """Every ``stride``-th of ``n`` new rows, starting at ``offset % stride``, plus the last row."""
+    rows = torch.arange(offset % stride if stride > 1 else 0, n, max(1, stride))
+    return torch.cat([rows, torch.tensor([n - 1])]).unique() if n else rows
+
+
 def spike_columns(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -522,74 +529,62 @@ def spike_columns(
     tau: float,
     sinks: int,
     local: int,
-    block: int = 16,
+    stride: int = 1,
+    offset: int = 0,
+    outliers: float = 0.0,
     row_chunk: int = 256,
     scale: float | None = None,
 ) -> list[torch.Tensor]:
-    """Key columns (per KV head) that some new row would give at least ``tau`` of the
-    attention mass it gives its sinks and local window, found for EVERY row, not only
-    probe rows.
+    """Key columns (per KV head) to which one of the rows :func:`spike_rows` picks gives at
+    least ``tau`` of the attention mass it gives its sinks and local window.
 
     Probe rows estimate the lines most rows need. A row that attends somewhere of its
     own -- a question's tokens reaching back to one fact in an earlier turn -- is seen
     only if it happens to be probed, and its columns carry little mass summed over the
-    probes, so coverage of the probe mass skips them. This pass bounds every row's score
-    on every block of ``block`` keys from the block's per-channel key min / max
-    (q+ . kmax + q- . kmin >= q . k for each key in the block: two small matmuls, about
-    1/``block`` of the dense QK cost), then scores exactly only the flagged (row, block)
-    pairs. A column is kept when ``exp(score - lse_r) >= tau``, where ``lse_r`` is the
-    log-sum-exp of row r over its sinks and local window (cells every pattern holds), so
-    the test errs on the side of keeping.
+    probes, so coverage of the probe mass skips them. This pass scores a dense grid of
+    rows exactly (one matmul per head group: 1/``stride`` of the QK work of dense
+    attention, with no softmax and no PV) and tests each cell against its own row:
+    ``exp(score - lse_r) >= tau``, where ``lse_r`` is the log-sum-exp of row r over its
+    sinks and local window (cells every pattern holds). A question's rows come in runs,
+    so a grid finds them; the caller varies ``offset`` by layer so that every row is
+    tested in some layers. ``outliers`` > 0 also tests that fraction of the rows whose
+    queries lie farthest from their head group's mean query (rows unlike the text
+    around them).
     """
     H, Hkv, n, N, D = _check_shapes(q, k)
     G = H // Hkv
     scale = D**-0.5 if scale is None else scale
     log_tau = math.log(tau)
-    nb = (N + block - 1) // block
-    pad = nb * block - N
-    out = []
-    pos_all = torch.arange(N - n, N)
+    grid = spike_rows(n, stride, offset)
     win = torch.arange(-min(local, N) + 1, 1)  # offsets of the local window
+    cols_all = torch.arange(N)
+    out = []
     for h in range(Hkv):
         kh = k[h].float()
-        kp = torch.nn.functional.pad(kh, (0, 0, 0, pad)) if pad else kh
-        kb = kp.view(nb, block, D)
-        if pad:  # padded keys must not widen the bounds
-            valid = (torch.arange(nb * block) < N).view(nb, block, 1)
-            kmax = kb.masked_fill(~valid, float("-inf")).amax(1)
-            kmin = kb.masked_fill(~valid, float("inf")).amin(1)
-        else:
-            kmax, kmin = kb.amax(1), kb.amin(1)
         cols = torch.zeros(N, dtype=torch.bool)
-        for a in range(0, n, row_chunk):
-            pos = pos_all[a : a + row_chunk]
-            qs = q[h * G : (h + 1) * G, a : a + row_chunk].float() * scale  # (G, r, D)
-            # Exact log-sum-exp over sinks + local window (the cells every pattern covers).
+        rows = grid
+        m = min(n, math.ceil(outliers * n)) if outliers > 0 else 0
+        if m:
+            qg = q[h * G : (h + 1) * G].float()
+            far_from_mean = (qg - qg.mean(1, keepdim=True)).norm(dim=-1).sum(0)  # (n,)
+            rows = torch.cat([grid, far_from_mean.topk(m).indices]).unique()
+        for a in range(0, len(rows), row_chunk):
+            r = rows[a : a + row_chunk]
+            pos = N - n + r  # absolute positions of these rows
+            qs = q[h * G : (h + 1) * G, r].float() * scale  # (G, r, D)
+            # Log-sum-exp over each row's sinks + local window, from those keys alone.
             idx = pos[:, None] + win[None, :]  # (r, L)
-            ok = idx >= 0
-            loc = torch.einsum("grd,rld->grl", qs, kh[idx.clamp_min(0)]).masked_fill(~ok, float("-inf"))
+            loc = torch.einsum("grd,rld->grl", qs, kh[idx.clamp_min(0)]).masked_fill(idx < 0, float("-inf"))
             parts = [loc]
             if sinks:
                 sink_keys = kh[: min(sinks, N)]
-                sk = torch.einsum("grd,sd->grs", qs, sink_keys)
-                # a sink inside the local window would count twice
-                sk = sk.masked_fill(torch.arange(len(sink_keys))[None, None, :] > (pos[None, :, None] - len(win)), float("-inf"))
-                parts.append(sk)
-            lse = torch.logsumexp(torch.cat(parts, -1), -1)  # (G, r)
-            ub = qs.clamp_min(0) @ kmax.T + qs.clamp_max(0) @ kmin.T  # (G, r, nb)
-            causal = (torch.arange(nb) * block)[None, :] <= pos[:, None] - len(win)  # (r, nb): blocks reaching before the window
-            flag = (ub - lse[..., None] >= log_tau) & causal[None]
-            g_i, r_i, b_i = flag.nonzero(as_tuple=True)
-            if len(r_i) == 0:
-                continue
-            for c in range(0, len(r_i), 4096):
-                gi, ri, bi = g_i[c : c + 4096], r_i[c : c + 4096], b_i[c : c + 4096]
-                keys_idx = bi[:, None] * block + torch.arange(block)[None, :]  # (F, block)
-                # causal, and outside the sinks and the local window (cells every pattern holds)
-                keys_ok = (keys_idx < N) & (keys_idx <= pos[ri][:, None] - len(win)) & (keys_idx >= sinks)
-                sc = torch.einsum("fd,fbd->fb", qs[gi, ri], kp[keys_idx])
-                keep = (sc - lse[gi, ri][:, None] >= log_tau) & keys_ok
-                cols[keys_idx[keep]] = True
+                # a sink inside the local window is already counted there
+                early = torch.arange(len(sink_keys))[None, :] > (pos[:, None] - len(win))
+                parts.append((qs @ sink_keys.T).masked_fill(early, float("-inf")))
+            threshold = torch.logsumexp(torch.cat(parts, -1), -1, keepdim=True) + log_tau  # (G, r, 1)
+            hit = (qs @ kh.T >= threshold).any(0)  # (r, N): one matmul and one comparison
+            far = (cols_all[None, :] >= sinks) & (cols_all[None, :] <= pos[:, None] - len(win))  # causal, not held
+            cols |= (hit & far).any(0)
         out.append(cols.nonzero().flatten())
     return out
 
@@ -610,6 +605,8 @@ def select_lines(
     row_floor: float = 0.0,
     stratified: bool = False,
     spike_tau: float = 0.0,
+    spike_stride: int = 8,
+    spike_outliers: float = 0.0,
 ) -> LinePattern:
     """LoopServe Phase 1 selection: probe rows -> probe attention -> greedy coverage.
 
@@ -621,8 +618,9 @@ def select_lines(
     ``row_floor`` > 0: after the greedy reaches ``alpha`` of the probe mass, more lines
     are added until every probe row has at least that fraction of its own mass covered
     (:func:`_raise_row_floor`). ``stratified``: probe rows one per stratum (see
-    :func:`probe_rows`). ``spike_tau`` > 0: columns where any new row has a spike of
-    attention (:func:`spike_columns`) join the verticals.
+    :func:`probe_rows`). ``spike_tau`` > 0: columns where a row of a grid of every
+    ``spike_stride``-th new row (offset by ``seed``) has a spike of attention
+    (:func:`spike_columns`) join the verticals.
     """
     H, Hkv, n, N, D = _check_shapes(q, k)
     rows = (
@@ -638,11 +636,13 @@ def select_lines(
         A, pos = probe_attention(q, k, rows, per_query_head=per_query_head, scale=scale)
         cover = _greedy_cover(A, pos, alpha, None, forced_vertical, forced_slash, 1e-12, causal_zero=True)
         floor_rounds = _raise_row_floor(A, pos, cover, row_floor) if row_floor > 0 else 0
-        if spike_tau > 0:
-            if per_query_head:
-                raise ValueError("spike_tau needs per-KV-head patterns")
-            for h, extra in enumerate(spike_columns(q, k, tau=spike_tau, sinks=sinks, local=local, scale=scale)):
-                cover.vertical[h, extra] = True
+    if spike_tau > 0:  # a plain matmul per head group: the thread budget pays off here
+        if per_query_head:
+            raise ValueError("spike_tau needs per-KV-head patterns")
+        spikes = spike_columns(q, k, tau=spike_tau, sinks=sinks, local=local, stride=spike_stride, offset=seed,
+                                outliers=spike_outliers, scale=scale)
+        for h, extra in enumerate(spikes):
+            cover.vertical[h, extra] = True
     vertical = [m.nonzero().flatten() for m in cover.vertical]
     slash = [m.nonzero().flatten() for m in cover.slash]
     return LinePattern(

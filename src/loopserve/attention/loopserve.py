@@ -41,22 +41,29 @@ class LoopServePrefill(PrefillMethod):
     # of alpha of the total: see lines.select_lines.
     row_floor: float = 0.0
     stratified: int = 0  # 1: probe rows one per stratum of the input instead of uniform
-    # Columns where ANY new row (probed or not) has a cell with at least this share of the
-    # mass of its sinks + local window join the verticals (0: off): see lines.spike_columns.
-    # Probe rows alone miss a question's rows reaching back to an earlier turn's fact.
-    spike_tau: float = 0.1
+    # Columns where a row of a grid of every `spike_stride`-th new row has a cell with at
+    # least this share of the mass of its sinks + local window join the verticals (0: off):
+    # see lines.spike_columns. Probe rows alone miss a question's rows reaching back to an
+    # earlier turn's fact; off by default because the exact test of a dense row grid costs
+    # more than it saves on long turns (docs/benchmarks.md, "Answer quality across turns").
+    spike_tau: float = 0.0
+    spike_stride: int = 4
+    spike_outliers: float = 0.0  # also test this fraction of rows: the queries least like the rest
 
     def validate(self) -> None:
         if not isinstance(self.alpha, (int, float)) or not (0.0 < float(self.alpha) <= 1.0):
             raise ValueError(f"invalid knob alpha={self.alpha!r}: must be in (0, 1]")
         if not isinstance(self.row_floor, (int, float)) or not (0.0 <= float(self.row_floor) <= 1.0):
             raise ValueError(f"invalid knob row_floor={self.row_floor!r}: must be in [0, 1]")
+        if not isinstance(self.spike_outliers, (int, float)) or not (0.0 <= float(self.spike_outliers) <= 1.0):
+            raise ValueError(f"invalid knob spike_outliers={self.spike_outliers!r}: must be in [0, 1]")
         if not isinstance(self.spike_tau, (int, float)) or not (0.0 <= float(self.spike_tau) < 1.0):
             raise ValueError(f"invalid knob spike_tau={self.spike_tau!r}: must be in [0, 1)")
         if self.stratified not in (0, 1):
             raise ValueError(f"invalid knob stratified={self.stratified!r}: must be 0 or 1")
         for knob in ("probe", "sinks", "local", "min_keys", "min_new", "seed", "recall_rows"):
             check_int_knob(self, knob, 0)
+        check_int_knob(self, "spike_stride", 1)
 
     def attend(self, q, k, v, *, layer_idx, scaling, ctx):
         n, N = q.shape[-2], k.shape[-2]
@@ -67,7 +74,8 @@ class LoopServePrefill(PrefillMethod):
         pattern = select_lines(
             q[0], k[0], alpha=float(self.alpha), n_probe=n_probe, sinks=self.sinks, local=self.local,
             seed=self.seed + layer_idx, scale=scaling, row_floor=float(self.row_floor),
-            stratified=bool(self.stratified), spike_tau=float(self.spike_tau),
+            stratified=bool(self.stratified), spike_tau=float(self.spike_tau), spike_stride=self.spike_stride,
+            spike_outliers=float(self.spike_outliers),
         )
         # Phase 2 starts decoding from these position-agnostic probe rows.
         ctx.layer_state[layer_idx]["probe_rows"] = pattern.probe_idx

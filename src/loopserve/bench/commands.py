@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..cliparser import HelpParser
-from ..cli_options import add_common_options, apply_common_options
+from ..cli_options import add_common_options, add_dtype_option, apply_common_options
 
 __all__ = ["add_bench_commands", "build_parser", "main"]
 
@@ -87,7 +87,7 @@ def cmd_build(args) -> int:
 
 def cmd_run(args) -> int:
     from ..engine import Engine
-    from ..models import load_model, load_tokenizer
+    from ..models import load_model, load_tokenizer, resolve_dtype
     from .datasets import DATASETS
     from .runner import (
         BenchError,
@@ -114,6 +114,8 @@ def cmd_run(args) -> int:
             raise BenchError(f"--limit must be >= 1, got {args.limit}")
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise BenchError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        if args.concurrency < 1:
+            raise BenchError(f"--concurrency must be >= 1, got {args.concurrency}")
         if args.data is None and args.context is None:
             raise BenchError("give --context N (data in runs/bench-data/ctxN-seedS, built if missing) or --data DIR")
         out = Path(args.out)
@@ -142,7 +144,7 @@ def cmd_run(args) -> int:
         if short:
             print(f"note: fewer than --limit {args.limit} conversations in {', '.join(short)}; "
                   "rebuild with `loopserve bench build --conversations K`", file=sys.stderr)
-        plan = plan_run(out, convs, methods, positions, knobs, model=args.model, dtype=args.dtype,
+        plan = plan_run(out, convs, methods, positions, knobs, model=args.model, dtype=resolve_dtype(args.dtype),
                         max_new_tokens=args.max_new_tokens)
     except ValueError as exc:
         return _err(str(exc))
@@ -159,7 +161,7 @@ def cmd_run(args) -> int:
                                           if plan.dropped_records else ""), file=sys.stderr)
     # 4. Run (execute checks that every conversation fits the context window before writing).
     try:
-        summary = execute(plan, engine, progress=not args.no_progress)
+        summary = execute(plan, engine, progress=not args.no_progress, concurrency=args.concurrency)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished turns are in {out}; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -200,7 +202,7 @@ def cmd_sensitivity(args) -> int:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="smollm2 (default), tiny-llama|tiny-qwen2|tiny-qwen3, or a local HF folder")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_dtype_option(p)
     p.add_argument("--knob", action="append", metavar="[METHOD:]NAME=VALUE",
                    help="method knob, repeatable; NAME=VALUE goes to every selected method that has it, "
                         "METHOD:NAME=VALUE to one method (e.g. snapkv:budget=1024)")
@@ -233,6 +235,9 @@ def add_bench_commands(bench) -> None:
     p.add_argument("--data", default=None, help="dataset folder (default runs/bench-data/ctxN-seedS[-tokenizer])")
     p.add_argument("--out", default="runs/bench/results.jsonl", help="results JSONL, appended (default runs/bench/results.jsonl)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="cap on each dataset's answer budget")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="conversations played at once through the batching scheduler (default 1); greedy answers "
+                        "are the same, per-turn timings are those of shared forwards")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_run)
 

@@ -84,6 +84,11 @@ def run_decode(engine: Engine, context: int, budget: int = 1024, tokens: int = 6
     hf_ms = statistics.median(_stock_transformers_tpot(engine, base.cache, prompt[: len(prompt) - new_tokens + 1], tokens) for _ in range(runs)) * 1000
     dense_ms = statistics.median(tpot["dense"]) * 1000
     ours_ms = statistics.median(tpot["loopserve"]) * 1000
+    fp32_ms = dense_ms  # decode steps run the decode weights: float32 unless --dtype bfloat16
+    if engine.model.dtype != torch.float32:
+        ref = Engine(engine.loaded.as_float32(), method="dense")
+        ref_tpot, _ = _decode_runs(ref, _prefilled(ref, prompt[:-new_tokens]), prompt, {"dense": ("dense", {})}, tokens, runs)
+        fp32_ms = statistics.median(ref_tpot["dense"]) * 1000
     floor_ms = statistics.median(floor["floor"]) * 1000
     res, sess = last["loopserve"]
     return {
@@ -100,6 +105,9 @@ def run_decode(engine: Engine, context: int, budget: int = 1024, tokens: int = 6
         "dense_tpot_ms": round(dense_ms, 2),
         "loopserve_tpot_ms": round(ours_ms, 2),
         "speedup": round(dense_ms / ours_ms, 2),
+        "decode_dtype": str(engine.model.dtype).removeprefix("torch."),
+        "dense_fp32_tpot_ms": round(fp32_ms, 2),
+        "speedup_vs_fp32_dense": round(fp32_ms / ours_ms, 2),
         # Dense decoding over only `kept` keys: the ceiling of the speed-up on this model.
         "floor_context": len(short),
         "floor_tpot_ms": round(floor_ms, 2),

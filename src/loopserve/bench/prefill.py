@@ -173,27 +173,35 @@ def _conversation_prompts(engine: Engine, history: int, new: int) -> tuple[list[
 
 def run_prefill(engine: Engine, context: int = 8192, history: int = 6144, new: int = 2048, runs: int = 2,
                 knobs: dict | None = None, progress=None) -> dict:
-    """TTFT, dense vs loopserve Phase 1 (dense decode), for a long prompt and a turn 3."""
+    """TTFT, dense vs loopserve Phase 1 (dense decode), for a long prompt and a turn 3.
+
+    Both run with the engine's numerics; when those are not float32, dense also runs in
+    float32 (the same weights, ``LoadedModel.as_float32``) in the same process, and
+    ``speedup_vs_fp32_dense`` compares LoopServe's default path with it."""
     knobs = dict(knobs or {})
     single = engine.encode_messages([{"role": "user", "content": text_chunks(engine.tokenizer, context - 40)[0] + "\n\nSummarise."}])
     hist, full = _conversation_prompts(engine, history, new)
-    base = engine.new_session()
-    base.prefill(hist)
-    cases = {"single": (single, None), "turn3": (full, base)}
-    methods = {"dense": "dense", "loopserve": "loopserve+dense"}
+    engines = {"dense": engine, "loopserve": engine}
+    if engine.dtype != "float32":
+        engines["dense_fp32"] = Engine(engine.loaded.as_float32(), method="dense")
+    bases = {}
+    for eng in dict.fromkeys(engines.values()):
+        bases[id(eng)] = eng.new_session()
+        bases[id(eng)].prefill(hist)
+    methods = {"dense": "dense", "loopserve": "loopserve+dense", "dense_fp32": "dense"}
     out = {}
-    step, total = 0, runs * len(cases) * len(methods)
-    for case, (prompt, start) in cases.items():
-        ttft = {m: [] for m in methods}
-        share = {m: [] for m in methods}
+    step, total = 0, runs * 2 * len(engines)
+    for case, prompt in (("single", single), ("turn3", full)):
+        ttft = {m: [] for m in engines}
+        share = {m: [] for m in engines}
         density = []
         for r in range(runs):
-            for m in (methods if r % 2 == 0 else list(reversed(methods))):
+            for m in (list(engines) if r % 2 == 0 else list(reversed(engines))):
                 m_knobs = knobs if m == "loopserve" else None
-                if start is not None:
-                    s = start.fork(method=methods[m], knobs=m_knobs)
+                if case == "turn3":
+                    s = bases[id(engines[m])].fork(method=methods[m], knobs=m_knobs)
                 else:
-                    s = engine.new_session(method=methods[m], knobs=m_knobs)
+                    s = engines[m].new_session(method=methods[m], knobs=m_knobs)
                 res = s.stream_ids(prompt, SamplingParams(max_new_tokens=1))
                 for _ in res:
                     pass
@@ -205,20 +213,22 @@ def run_prefill(engine: Engine, context: int = 8192, history: int = 6144, new: i
                 step += 1
                 if progress:
                     progress(step, total)
-        d, o = statistics.median(ttft["dense"]), statistics.median(ttft["loopserve"])
+        med = {m: statistics.median(v) for m, v in ttft.items()}
+        d, o = med["dense"], med["loopserve"]
         dense_share = statistics.median(share["dense"])
         out[case] = {
             "prompt_tokens": len(prompt),
-            "prefill_tokens": len(prompt) - (len(hist) if start is not None else 0),
+            "prefill_tokens": len(prompt) - (len(hist) if case == "turn3" else 0),
             "dense_ttft_s": round(d, 3),
             "loopserve_ttft_s": round(o, 3),
             "speedup": round(d / o, 2),
+            **({"dense_fp32_ttft_s": round(med["dense_fp32"], 3)} if "dense_fp32" in med else {}),
+            "speedup_vs_fp32_dense": round(med.get("dense_fp32", d) / o, 2),
             "dense_attention_share": round(dense_share, 3),
             "loopserve_attention_share": round(statistics.median(share["loopserve"]), 3),
             # Amdahl: even free attention cannot beat 1 / (1 - share).
             "ceiling_speedup": round(1.0 / max(1e-9, 1.0 - dense_share), 2),
             "density": round(statistics.mean(density), 4),
-            "dense_ttft_all_s": [round(x, 3) for x in ttft["dense"]],
-            "loopserve_ttft_all_s": [round(x, 3) for x in ttft["loopserve"]],
+            **{f"{m}_ttft_all_s": [round(x, 3) for x in v] for m, v in ttft.items()},
         }
     return {"benchmark": "prefill", "model": engine.loaded.name, **run_settings(engine), "runs": runs, "knobs": knobs, **out}

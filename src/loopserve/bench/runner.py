@@ -96,6 +96,7 @@ _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "method_spec": str,
     "config": dict,
     "threads": int,
+    "concurrency": int,
 }
 
 
@@ -617,11 +618,19 @@ def make_record(unit: Unit, turn: dict, result, bound, *, model: str, dtype: str
     }
 
 
-def execute(plan: RunPlan, engine, *, progress: bool = True, warmup: bool = True) -> RunSummary:
-    """Play every unit still to do, appending one record per turn to ``plan.results``."""
-    from ..engine import SamplingParams
-    from ..engine.session import ContextLengthError
+def execute(plan: RunPlan, engine, *, progress: bool = True, warmup: bool = True, concurrency: int = 1) -> RunSummary:
+    """Play every unit still to do, appending one record per turn to ``plan.results``.
 
+    ``concurrency`` > 1 plays that many units at once through the engine's batching
+    scheduler: one forward carries the next token of every unit that is decoding, and a
+    turn's prefill runs in one piece, as it would alone. Greedy answers are then the same
+    as one at a time (``bench serve`` checks this on the default model); per-turn timings
+    are those of a shared forward, and each record says so in ``concurrency``.
+    """
+    from ..engine import SamplingParams
+
+    if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+        raise BenchError(f"--concurrency must be an integer >= 1, got {concurrency!r}")
     start = time.perf_counter()
     check_fits(engine, plan.todo)  # still nothing written
     summary = RunSummary(
@@ -651,29 +660,84 @@ def execute(plan: RunPlan, engine, *, progress: bool = True, warmup: bool = True
                     rb.seek(-1, os.SEEK_END)
                     if rb.read(1) != b"\n":  # a complete last record without its newline
                         fh.write("\n")
-            for unit in plan.todo:
-                session = engine.new_session(method=unit.method_spec, knobs=unit.knobs)
-                sampling = SamplingParams(max_new_tokens=unit.max_new_tokens)
+
+            def write(unit: Unit, turn: dict, result, session) -> None:
+                rec = make_record(unit, turn, result, session.method, model=plan.model, dtype=plan.dtype)
+                rec["concurrency"] = concurrency
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+                summary.turns_run += 1
                 if bar is not None:
-                    bar.set_postfix_str(f"{unit.method} {unit.conv['id']} {unit.position}", refresh=False)
-                for turn in unit.conv["turns"]:
-                    try:
-                        result = session.chat(turn["user"][unit.position], sampling)
-                    except ContextLengthError as exc:
-                        raise BenchError(
-                            f"{unit.conv['id']} turn {turn['index']} ({unit.method}, {unit.position}): {exc}; "
-                            "lower --context or --max-new-tokens"
-                        ) from None
-                    rec = make_record(unit, turn, result, session.method, model=plan.model, dtype=plan.dtype)
-                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                    summary.turns_run += 1
-                    if bar is not None:
-                        bar.update(1)
-                summary.units_run += 1
+                    bar.update(1)
+
+            play = _play_one_at_a_time if concurrency == 1 else _play_batched
+            play(plan, engine, write, summary, bar, concurrency)
     finally:
         if bar is not None:
             bar.close()
         summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _context_error(unit: Unit, turn: dict, exc: Exception) -> BenchError:
+    return BenchError(f"{unit.conv['id']} turn {turn['index']} ({unit.method}, {unit.position}): {exc}; "
+                      "lower --context or --max-new-tokens")
+
+
+def _play_one_at_a_time(plan: RunPlan, engine, write, summary: RunSummary, bar, concurrency: int) -> None:
+    from ..engine import SamplingParams
+    from ..engine.session import ContextLengthError
+
+    for unit in plan.todo:
+        session = engine.new_session(method=unit.method_spec, knobs=unit.knobs)
+        sampling = SamplingParams(max_new_tokens=unit.max_new_tokens)
+        if bar is not None:
+            bar.set_postfix_str(f"{unit.method} {unit.conv['id']} {unit.position}", refresh=False)
+        for turn in unit.conv["turns"]:
+            try:
+                result = session.chat(turn["user"][unit.position], sampling)
+            except ContextLengthError as exc:
+                raise _context_error(unit, turn, exc) from None
+            write(unit, turn, result, session)
+        summary.units_run += 1
+
+
+def _play_batched(plan: RunPlan, engine, write, summary: RunSummary, bar, concurrency: int) -> None:
+    from ..engine import SamplingParams, Scheduler
+    from ..engine.session import ContextLengthError
+
+    # No prefill chunking: a turn's prefill is one forward, as when it runs alone.
+    sched = Scheduler(engine, chunk_tokens=1 << 30, max_running=concurrency)
+    todo = iter(plan.todo)
+    playing: dict[object, tuple[Unit, object, int]] = {}  # Sequence -> (unit, session, turn index)
+
+    def submit(unit: Unit, session, index: int) -> None:
+        turn = unit.conv["turns"][index]
+        messages = session.messages + [{"role": "user", "content": turn["user"][unit.position]}]
+        try:
+            seq = sched.submit(session, engine.encode_messages(messages),
+                               SamplingParams(max_new_tokens=unit.max_new_tokens), messages=messages)
+        except ContextLengthError as exc:
+            raise _context_error(unit, turn, exc) from None
+        playing[seq] = (unit, session, index)
+
+    while True:
+        while len(playing) < concurrency:
+            unit = next(todo, None)
+            if unit is None:
+                break
+            submit(unit, engine.new_session(method=unit.method_spec, knobs=unit.knobs), 0)
+        if not playing:
+            return
+        for seq in sched.step():
+            unit, session, index = playing.pop(seq)
+            turn = unit.conv["turns"][index]
+            if seq.status != "finished":
+                raise BenchError(f"{unit.conv['id']} turn {turn['index']} ({unit.method}, {unit.position}) "
+                                 f"{seq.status}: {seq.error!r}") from seq.error
+            write(unit, turn, seq.result, session)
+            if index + 1 < unit.n_turns:
+                submit(unit, session, index + 1)
+            else:
+                summary.units_run += 1

@@ -8,5 +8,6 @@ __all__ = ["run_settings"]
 
 
 def run_settings(engine) -> dict:
-    """``dtype`` of the engine's weights (e.g. ``"float32"``) and ``threads`` (the process's thread budget)."""
-    return {"dtype": str(engine.model.dtype).removeprefix("torch."), "threads": budget()}
+    """``dtype``: the engine's numerics (``float32``, ``bfloat16`` or ``bf16-prefill``), and
+    ``threads`` (the process's thread budget)."""
+    return {"dtype": engine.dtype, "threads": budget()}

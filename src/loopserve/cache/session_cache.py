@@ -40,8 +40,9 @@ class SessionLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, **kwargs):
+    def __init__(self, dtype: torch.dtype | None = None, **kwargs):
         super().__init__()
+        self.kv_dtype = dtype  # None: the dtype of the first keys stored
         self.length = 0  # tokens resident per KV head
         self._k = self._v = None  # (1, H_kv, cap, D)
         self._pos = None  # (H_kv, cap) absolute positions of resident tokens
@@ -59,8 +60,9 @@ class SessionLayer(CacheLayerMixin):
         if b != 1:
             raise ValueError("SessionCache holds one conversation: batch size must be 1")
         self.device = key_states.device
-        self._k = key_states.new_empty(1, h, 0, d)
-        self._v = value_states.new_empty(1, h, 0, value_states.shape[-1])
+        dtype = self.kv_dtype or key_states.dtype
+        self._k = key_states.new_empty(1, h, 0, d, dtype=dtype)
+        self._v = value_states.new_empty(1, h, 0, value_states.shape[-1], dtype=dtype)
         self._pos = torch.empty(h, 0, dtype=torch.long, device=self.device)
         self.is_initialized = True
 
@@ -101,7 +103,7 @@ class SessionLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__()
+        self.__init__(self.kv_dtype)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last `-tokens_to_remove` logical tokens (transformers' negative convention)."""
@@ -205,8 +207,11 @@ class SessionLayer(CacheLayerMixin):
 class SessionCache(Cache):
     """A `Cache` of `SessionLayer`s, one per decoder layer."""
 
-    def __init__(self, num_layers: int):
-        super().__init__(layers=[SessionLayer() for _ in range(num_layers)])
+    def __init__(self, num_layers: int, dtype: torch.dtype | None = None):
+        """``dtype``: the KV storage dtype (keys and values written in another are converted);
+        None stores them as the model computes them."""
+        super().__init__(layers=[SessionLayer(dtype) for _ in range(num_layers)])
+        self.kv_dtype = dtype
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         # Logical length (absolute position of the next token), not the resident count, so
@@ -224,7 +229,7 @@ class SessionCache(Cache):
     def prefix_copy(self, n: int) -> "SessionCache | None":
         """A new cache holding a copy of the first n tokens' KV, or None when the cache
         cannot be cut there (bounded-mode eviction left per-head holes, or fewer tokens)."""
-        out = SessionCache(len(self.layers))
+        out = SessionCache(len(self.layers), self.kv_dtype)
         if n <= 0:
             return out
         for src, dst in zip(self.layers, out.layers):

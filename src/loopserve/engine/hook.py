@@ -93,6 +93,10 @@ def loopserve_attention(module, query, key, value, attention_mask, scaling=None,
 def _attend(ctx: TurnContext, layer_idx: int, query, key, value, scaling: float) -> torch.Tensor:
     """One conversation's attention: its prefill method for new rows, else a decode step."""
     ctx.scaling = scaling
+    if query.dtype != key.dtype:
+        # Linear layers in a lower precision than the KV store (bf16 prefill): attention
+        # runs in the store's precision, and hands back the layer's dtype.
+        return _attend(ctx, layer_idx, query.to(key.dtype), key, value, scaling).to(query.dtype)
     if query.shape[-2] > 1:
         t0 = time.perf_counter()
         out = ctx.prefill.attend(query, key, value, layer_idx=layer_idx, scaling=scaling, ctx=ctx)

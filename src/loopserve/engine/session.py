@@ -54,7 +54,12 @@ class Engine:
         self.method = method
         self.knobs = dict(knobs or {})
         resolve_method(method, self.knobs)  # fail fast on a bad name or knob
+        # Prefill forwards may run another copy of the weights (``--dtype bf16-prefill``);
+        # the KV cache keeps the decode weights' dtype either way.
+        self.prefill_model = loaded.prefill_model if loaded.prefill_model is not None else self.model
+        self.dtype = loaded.dtype
         install(self.model)
+        install(self.prefill_model)
         self.num_layers = self.model.config.num_hidden_layers
         self.max_context = loaded.max_context
         eos = set()
@@ -72,6 +77,10 @@ class Engine:
             knobs = self.knobs if method == self.method else {}
         return Session(self, method, knobs, **kw)
 
+    def new_cache(self) -> SessionCache:
+        """An empty KV cache for one conversation, stored in the decode weights' dtype."""
+        return SessionCache(self.num_layers, self.model.dtype)
+
     def encode_messages(self, messages: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -81,7 +90,7 @@ class Engine:
     def forward(self, ids: list[int], cache: SessionCache, ctx: TurnContext, all_logits: bool = False) -> torch.Tensor:
         input_ids = torch.tensor([ids], dtype=torch.long)
         pos = torch.arange(ctx.q_start, ctx.q_start + len(ids)).unsqueeze(0)
-        out = self.model(
+        out = self._weights(ctx)(
             input_ids=input_ids,
             position_ids=pos,
             cache=cache,
@@ -89,20 +98,40 @@ class Engine:
             logits_to_keep=0 if all_logits else 1,
             loopserve_ctx=ctx,
         )
-        return out.logits[0]
+        return out.logits[0].float()
+
+    def _weights(self, ctx: TurnContext) -> torch.nn.Module:
+        """The model copy a forward runs: the prefill weights while the turn's input is being
+        read (every chunk of it, however long), the decode weights after."""
+        return self.prefill_model if ctx.q_start < ctx.input_end else self.model
 
     @torch.inference_mode()
     def forward_packed(self, steps: list[tuple[list[int], SessionCache, TurnContext]]) -> list[torch.Tensor]:
         """One forward over a step of several conversations, each `(ids, cache, ctx)`, packed
         along the sequence: the linear layers read the weights once for all of them, and
         attention runs per conversation over its own cache (hook.py, PackedCache). Returns
-        each conversation's (1, V) logits at its last token."""
+        each conversation's (1, V) logits at its last token.
+
+        With separate prefill weights, prefill chunks and decode tokens go in two forwards,
+        so that every step runs with the weights it would use alone."""
+        if self.prefill_model is not self.model:
+            groups = [[i for i, (_, _, ctx) in enumerate(steps) if self._weights(ctx) is model]
+                      for model in (self.prefill_model, self.model)]
+            if all(groups):
+                out: list[torch.Tensor | None] = [None] * len(steps)
+                for group in groups:
+                    for i, lg in zip(group, self._forward_packed([steps[i] for i in group])):
+                        out[i] = lg
+                return out
+        return self._forward_packed(steps)
+
+    def _forward_packed(self, steps: list[tuple[list[int], SessionCache, TurnContext]]) -> list[torch.Tensor]:
         lengths = [len(ids) for ids, _, _ in steps]
         packed = PackedCache([cache for _, cache, _ in steps], lengths)
         input_ids = torch.tensor([[t for ids, _, _ in steps for t in ids]], dtype=torch.long)
         pos = torch.cat([torch.arange(ctx.q_start, ctx.q_start + len(ids)) for ids, _, ctx in steps]).unsqueeze(0)
         last = torch.tensor(lengths).cumsum(0) - 1
-        out = self.model(
+        out = self._weights(steps[0][2])(
             input_ids=input_ids,
             position_ids=pos,
             cache=packed,
@@ -110,7 +139,7 @@ class Engine:
             logits_to_keep=last,
             loopserve_ctx=PackedContext([ctx for _, _, ctx in steps], lengths, packed),
         )
-        return [out.logits[0, i : i + 1] for i in range(len(steps))]
+        return [out.logits[0, i : i + 1].float() for i in range(len(steps))]
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -137,7 +166,7 @@ class Session:
         if self.system_prompt:
             self.messages.append({"role": "system", "content": self.system_prompt})
         self.token_ids: list[int] = []  # exactly the tokens whose KV is in the cache
-        self.cache = SessionCache(self.engine.num_layers)
+        self.cache = self.engine.new_cache()
         self.turns: list[TurnStats] = []
 
     # -- public API ----------------------------------------------------------------------

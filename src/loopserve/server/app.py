@@ -42,7 +42,7 @@ PREP_THREADS = 4  # prompts built (templated, tokenised) at once, each with its 
 @dataclass
 class ServerConfig:
     model: str = "smollm2"
-    dtype: str = "float32"
+    dtype: str = "auto"
     method: str = "loopserve"
     knobs: dict = field(default_factory=dict)
     api_key: str | None = None

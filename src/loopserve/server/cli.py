@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from ..cli_options import add_common_options, apply_common_options
+from ..cli_options import add_common_options, add_dtype_option, apply_common_options
 
 
 def _default_db() -> str:
@@ -21,7 +21,7 @@ def _default_db() -> str:
 
 def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2", help="smollm2 (default), tiny-llama|tiny-qwen2|tiny-qwen3, or a local HF folder")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_dtype_option(p)
     p.add_argument("--method", default="loopserve", help="method name (see `loopserve methods`), or PREFILL+DECODE")
     p.add_argument("--knob", action="append", metavar="NAME=VALUE", help="method knob, repeatable (e.g. budget=1024)")
     p.add_argument("--host", default="127.0.0.1")

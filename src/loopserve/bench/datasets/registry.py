@@ -169,8 +169,9 @@ REGISTRY: dict[str, Dataset] = {
             f"{_LEVAL}; Multi-News content: terms of the original publishers", 64),
         Recipe(
             turn_recall.BUILDER,
-            "You are given news passages, one group per message, and a task about them. A "
-            "message may also hold a pass key: remember it, you may be asked for it later.",
+            # No word of the pass key here: this instruction is repeated in every turn, and
+            # the small model then answers every summary task with the key.
+            "You are given news passages, one group per message, and a task about them.",
             question_format="Task: {question}",
         ),
     ),
