@@ -280,3 +280,9 @@ def test_demo_output_is_honest(tiny_models, capsys):
     for row in result["turns"][1:]:
         verdict = "faster" if row["ttft_ratio"] >= 1 else "slower"
         assert f"turn {row['turn']}: with KV reuse the time to first token is" in out and verdict in row["verdict"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
+def test_device_cuda_without_a_gpu_says_so(capsys):
+    assert main(["demo", "--model", "tiny-llama", "--device", "cuda"]) == 2
+    assert "sees no CUDA GPU" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import os
 import sys
 
 from . import __version__
-from .cli_options import add_common_options, add_dtype_option, apply_common_options
+from .cli_options import add_common_options, add_numerics_options, apply_common_options
 from .cliparser import HelpParser
 
 # Chat's sampling defaults: a little randomness and a repetition guard, so that a small
@@ -31,7 +31,7 @@ def _engine(args):
 
     knobs = _knobs(args.knob)
     resolve_method(args.method, knobs)  # a bad method or knob fails before the weights load
-    loaded = load_model(args.model, dtype=args.dtype)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     context = getattr(args, "context", None)
     if context is not None and context > loaded.max_context:
         raise ValueError(f"--context {context} is larger than the model's context window of {loaded.max_context} "
@@ -41,7 +41,7 @@ def _engine(args):
 
 def _model_args(p: argparse.ArgumentParser, method: str = "dense") -> None:
     p.add_argument("--model", default="smollm2", help="smollm2, tiny-llama|tiny-qwen2|tiny-qwen3, or a local HF folder")
-    add_dtype_option(p)
+    add_numerics_options(p)
     p.add_argument("--method", default=method, help="method name (see `loopserve methods`), or PREFILL+DECODE")
     p.add_argument("--knob", action="append", metavar="NAME=VALUE", help="method knob, repeatable (e.g. alpha=0.9; default: none, the method's defaults)")
     add_common_options(p)
@@ -228,7 +228,7 @@ def cmd_bench_serve(args) -> int:
     for name, low in (("sessions", 1), ("turns", 1), ("tokens", 2), ("chunk_tokens", 1)):
         if getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    engine = Engine(load_model(args.model, dtype=args.dtype), method="dense")  # the methods run per session
+    engine = Engine(load_model(args.model, dtype=args.dtype, device=args.device), method="dense")  # the methods run per session
     r = run_serve(engine, sessions=args.sessions, turns=args.turns, context=args.context, tokens=args.tokens, methods=methods,
                   knobs=knobs, chunk_tokens=args.chunk_tokens, kv_budget_bytes=args.kv_budget_bytes, progress=_progress("serve"))
     _emit(r, args.json)
@@ -242,7 +242,7 @@ def cmd_bench_fidelity(args) -> int:
     from .models import load_model
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    engine = Engine(load_model(args.model, dtype=args.dtype), method="dense")  # the methods run per session
+    engine = Engine(load_model(args.model, dtype=args.dtype, device=args.device), method="dense")  # the methods run per session
     r = run_fidelity(engine, methods if len(methods) > 1 else methods[0], knobs=_knobs(args.knob), context=args.context,
                      count=args.count, max_new_tokens=args.max_new_tokens, position=args.position, progress=_progress("fidelity"))
     _emit(r, args.json)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["DTYPE_HELP", "add_common_options", "add_dtype_option", "apply_common_options", "thread_count"]
+__all__ = ["DEVICE_CHOICES", "DTYPE_CHOICES", "add_common_options", "add_numerics_options", "apply_common_options", "thread_count"]
 
 
 def thread_count(text: str) -> int:
@@ -31,16 +31,20 @@ def add_common_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     return parser
 
 
-#: Kept in step with ``loopserve.models.loader.DTYPE_CHOICES`` (a test checks it); listed
-#: here so that parsing does not import torch.
+#: Kept in step with ``loopserve.models.loader`` (a test checks it); listed here so that
+#: parsing does not import torch.
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "bf16-prefill")
-DTYPE_HELP = ("numerics: auto (bf16-prefill where the CPU has BF16 instructions, else float32), float32, "
-              "bfloat16, or bf16-prefill (bfloat16 weights for prefill, float32 for decode and the KV cache)")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+_DTYPE_HELP = ("numerics: auto (bfloat16 on CUDA; on a CPU bf16-prefill where it has BF16 instructions, else "
+               "float32), float32, bfloat16, or bf16-prefill (bfloat16 weights for prefill, float32 for decode and "
+               "the KV cache)")
 
 
-def add_dtype_option(parser: argparse.ArgumentParser, default: str = "auto") -> argparse.ArgumentParser:
-    """``--dtype`` of the commands that load a model."""
-    parser.add_argument("--dtype", default=default, choices=DTYPE_CHOICES, help=DTYPE_HELP)
+def add_numerics_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--dtype`` and ``--device`` of the commands that load a model."""
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=_DTYPE_HELP)
+    parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
+                        help="where the model runs: auto (CUDA when PyTorch sees a GPU, else the CPU), cpu or cuda")
     return parser
 
 

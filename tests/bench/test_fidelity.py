@@ -24,6 +24,22 @@ def test_dense_matches_itself_and_methods_share_references(engine):
     assert r["threads"] == threads.budget() and r["dtype"] == "float32"
     assert set(r["rows"][0]["methods"]) == {"dense", "dense+snapkv"}
     assert 0.0 <= r["by_method"]["dense+snapkv"]["rouge_l_vs_dense"] <= 1.0
+    assert "vs_fp32" not in r  # float32 numerics: nothing to compare with
+
+
+def test_other_numerics_are_compared_with_fp32_per_method():
+    mixed = Engine(load_model("tiny-llama", dtype="bf16-prefill"), method="dense")
+    r = run_fidelity(mixed, ["dense+snapkv"], knobs={"budget": 64}, context=400, count=2, max_new_tokens=8)
+    assert r["dtype"] == "bf16-prefill" and set(r["vs_fp32"]) == {"dense", "dense+snapkv"}
+    fp32 = run_fidelity(Engine(load_model("tiny-llama"), method="dense"), ["dense+snapkv"], knobs={"budget": 64},
+                        context=400, count=2, max_new_tokens=8)
+    # The per-prompt figures are the agreement of the two runs' answers, method by method.
+    from loopserve.bench.report import fidelity
+
+    for row, base in zip(r["rows"], fp32["rows"]):
+        assert row["vs_fp32"]["dense"]["rouge_l"] == fidelity(row["dense"], base["dense"])
+        assert row["vs_fp32"]["dense+snapkv"]["rouge_l"] == fidelity(row["methods"]["dense+snapkv"]["answer"],
+                                                                       base["methods"]["dense+snapkv"]["answer"])
 
 
 def test_question_position_and_bad_input(engine):

@@ -82,3 +82,26 @@ def test_bf16_prefill_batched_equals_alone(mixed):
     sched.run()
     assert [s.result.token_ids for s in seqs] == alone
     assert sched.stats.max_batch > 1
+
+
+def test_device_choices_and_errors():
+    from loopserve.cli_options import DEVICE_CHOICES as CLI_DEVICE_CHOICES
+    from loopserve.models import DEVICE_CHOICES, resolve_device
+
+    assert CLI_DEVICE_CHOICES == DEVICE_CHOICES
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unsupported device 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            load_model("tiny-llama", device="cuda")
+        assert resolve_dtype("auto", "cpu") == resolve_dtype("auto")
+
+
+def test_engine_follows_the_model_device():
+    engine = Engine(load_model("tiny-llama", device="cpu"))
+    assert engine.device == torch.device("cpu")
+    session = engine.new_session()
+    session.chat(PROMPT, SamplingParams(max_new_tokens=2))
+    assert all(layer.keys.device == engine.device for layer in session.cache.layers)

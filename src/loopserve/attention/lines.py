@@ -622,6 +622,7 @@ def select_lines(
     ``spike_stride``-th new row (offset by ``seed``) has a spike of attention
     (:func:`spike_columns`) join the verticals.
     """
+    q, k = q.cpu(), k.cpu()  # selection runs on the CPU (native greedy); kernels take the lines anywhere
     H, Hkv, n, N, D = _check_shapes(q, k)
     rows = (
         probe_rows(n, n_probe=n_probe, n_last=n_last, seed=seed, stratified=stratified)
@@ -676,6 +677,7 @@ def lines_from_topk(
     ``n_slash`` offsets by raw mass (no marginal gains), plus ``sinks`` forced columns
     and ``local`` forced diagonals (MInference defaults 30 and 100).
     """
+    q, k = q.cpu(), k.cpu()  # selection runs on the CPU (native greedy); kernels take the lines anywhere
     H, Hkv, n, N, D = _check_shapes(q, k)
     rows = torch.arange(max(0, n - last_q), n)
     A, pos = probe_attention(q, k, rows, per_query_head=per_query_head, scale=scale)
@@ -758,6 +760,7 @@ def attention_recall(
     Dense causal attention is computed for the given new rows only (use rows outside
     the probe set for an unbiased estimate); the recall is averaged over query heads.
     """
+    q, k = q.cpu(), k.cpu()  # selection runs on the CPU (native greedy); kernels take the lines anywhere
     H, Hkv, n, N, D = _check_shapes(q, k)
     G = H // Hkv
     rows = torch.as_tensor(rows, dtype=torch.long).sort().values

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..cliparser import HelpParser
-from ..cli_options import add_common_options, add_dtype_option, apply_common_options
+from ..cli_options import add_common_options, add_numerics_options, apply_common_options
 
 __all__ = ["add_bench_commands", "build_parser", "main"]
 
@@ -87,7 +87,7 @@ def cmd_build(args) -> int:
 
 def cmd_run(args) -> int:
     from ..engine import Engine
-    from ..models import load_model, load_tokenizer, resolve_dtype
+    from ..models import load_model, load_tokenizer, resolve_device, resolve_dtype
     from .datasets import DATASETS
     from .runner import (
         BenchError,
@@ -144,14 +144,14 @@ def cmd_run(args) -> int:
         if short:
             print(f"note: fewer than --limit {args.limit} conversations in {', '.join(short)}; "
                   "rebuild with `loopserve bench build --conversations K`", file=sys.stderr)
-        plan = plan_run(out, convs, methods, positions, knobs, model=args.model, dtype=resolve_dtype(args.dtype),
+        plan = plan_run(out, convs, methods, positions, knobs, model=args.model, dtype=resolve_dtype(args.dtype, resolve_device(args.device)),
                         max_new_tokens=args.max_new_tokens)
     except ValueError as exc:
         return _err(str(exc))
 
     # 3. The model. Still nothing written.
     try:
-        engine = Engine(load_model(args.model, dtype=args.dtype), method="dense")
+        engine = Engine(load_model(args.model, dtype=args.dtype, device=args.device), method="dense")
     except (ValueError, RuntimeError, OSError) as exc:
         return _err(str(exc))
 
@@ -202,7 +202,7 @@ def cmd_sensitivity(args) -> int:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="smollm2 (default), tiny-llama|tiny-qwen2|tiny-qwen3, or a local HF folder")
-    add_dtype_option(p)
+    add_numerics_options(p)
     p.add_argument("--knob", action="append", metavar="[METHOD:]NAME=VALUE",
                    help="method knob, repeatable; NAME=VALUE goes to every selected method that has it, "
                         "METHOD:NAME=VALUE to one method (e.g. snapkv:budget=1024)")

@@ -46,7 +46,12 @@ def fidelity_prompts(tokenizer, context: int, count: int = 20, position: str = "
 def run_fidelity(engine: Engine, method: str | list[str], knobs: dict | None = None, context: int = 4000, count: int = 20,
                  max_new_tokens: int = 64, position: str = "back", progress=None) -> dict:
     """One method (the report's top-level fields) or several (`by_method`, same references).
-    Each method gets the knobs it declares (e.g. `budget` for every KV method, not dense)."""
+    Each method gets the knobs it declares (e.g. `budget` for every KV method, not dense).
+
+    When the engine's numerics are not float32 (``--dtype auto`` on a BF16 CPU), dense and
+    every method also answer in float32 (the same weights, ``LoadedModel.as_float32``), and
+    ``vs_fp32`` reports, per method, ROUGE-L and identical answers against the float32 run
+    of the same method: what the faster numerics cost in agreement."""
     methods = [method] if isinstance(method, str) else list(method)
     knobs = dict(knobs or {})
     accepted = {m: method_knobs(m) for m in methods}
@@ -58,15 +63,22 @@ def run_fidelity(engine: Engine, method: str | list[str], knobs: dict | None = N
         engine.new_session(method=m, knobs=own[m])
     prompts = fidelity_prompts(engine.tokenizer, context, count, position)
     params = SamplingParams(max_new_tokens=max_new_tokens)
+    fp32 = Engine(engine.loaded.as_float32(), method="dense") if engine.dtype != "float32" else None
     rows = []
     for i, p in enumerate(prompts):
         ref = engine.new_session(method="dense").chat(p, params)
         row = {"prompt_tokens": ref.stats.prompt_tokens, "dense_tpot_ms": ref.stats.tpot_s * 1000, "dense": ref.text, "methods": {}}
+        answers = {"dense": ref}
         for m in methods:
-            ours = engine.new_session(method=m, knobs=own[m]).chat(p, params)
+            ours = answers[m] = engine.new_session(method=m, knobs=own[m]).chat(p, params)
             row["methods"][m] = {"rouge_l": fidelity(ours.text, ref.text), "identical": ref.token_ids == ours.token_ids,
                                  "tpot_ms": ours.stats.tpot_s * 1000, "active_kv_tokens": ours.stats.active_kv_tokens,
                                  "answer": ours.text}
+        if fp32 is not None:
+            row["vs_fp32"] = {}
+            for m, ours in answers.items():
+                base = fp32.new_session(method=m, knobs=own.get(m)).chat(p, params)
+                row["vs_fp32"][m] = {"rouge_l": fidelity(ours.text, base.text), "identical": ours.token_ids == base.token_ids}
         rows.append(row)
         if progress:
             progress(i + 1, len(prompts))
@@ -84,5 +96,8 @@ def run_fidelity(engine: Engine, method: str | list[str], knobs: dict | None = N
         "mean_prompt_tokens": round(statistics.mean(r["prompt_tokens"] for r in rows)),
         **by_method[methods[0]],
         "by_method": by_method,
+        **({"vs_fp32": {m: {"rouge_l": round(statistics.mean(r["vs_fp32"][m]["rouge_l"] for r in rows), 4),
+                            "identical_answers": sum(r["vs_fp32"][m]["identical"] for r in rows)}
+                        for m in rows[0]["vs_fp32"]}} if fp32 is not None and rows else {}),
         "rows": rows,
     }

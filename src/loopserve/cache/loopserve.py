@@ -91,12 +91,12 @@ class LoopServeDecode(DecodeMethod):
 
     def _select(self, ctx, layer, scores: torch.Tensor, n_in: int) -> None:
         """Attend to sinks + last `recent` inputs + top-`budget` scored + generated tokens."""
-        forced = torch.zeros(n_in, dtype=torch.bool)
+        forced = torch.zeros(n_in, dtype=torch.bool, device=scores.device)
         forced[: self.sinks] = True
         if self.recent:
             forced[-self.recent :] = True
         keep = topk_with_forced(max_pool(scores, self.pool), self.budget, forced)
-        generated = torch.arange(n_in, layer.length).expand(keep.shape[0], -1)
+        generated = torch.arange(n_in, layer.length, device=keep.device).expand(keep.shape[0], -1)
         layer.set_view(torch.cat([keep, generated], dim=1))
 
     def _needs_selection(self, n_in: int) -> bool:
@@ -120,7 +120,8 @@ class LoopServeDecode(DecodeMethod):
             rows = torch.arange(max(0, q.shape[-2] - max(self.recent, 1)), q.shape[-2])
         elif rows is None:
             rows = probe_rows(q.shape[-2], self.seed + layer_idx)
-        q_pos = ctx.positions(q.shape[-2])[rows]
+        rows = rows.to(q.device)
+        q_pos = ctx.positions(q.shape[-2], device=q.device)[rows]
         scores = attention_scores(q[:, :, rows], k, ctx.scaling, q_pos, layer.positions)
         self._accumulate(layer_idx, scores)
         self._select(ctx, layer, scores, n_in)
@@ -153,14 +154,14 @@ class LoopServeDecode(DecodeMethod):
             if layer.length <= self.memory_budget:
                 continue
             n = layer.length
-            scores = torch.zeros(layer.keys.shape[1], n)
+            scores = torch.zeros(layer.keys.shape[1], n, device=layer.keys.device)
             acc = self._turn_scores[layer_idx]
             if acc is not None:
                 scores[:, : acc.shape[1]] += acc
             latest = self._buffers.pending(layer_idx)
             if latest is not None:  # the latest generated queries also vote, over every resident token
                 scores += attention_scores(latest, layer.keys, ctx.scaling)
-            forced = torch.zeros(n, dtype=torch.bool)
+            forced = torch.zeros(n, dtype=torch.bool, device=scores.device)
             forced[: self.sinks] = True
             forced[-self.recent :] = True if self.recent else False
             keep = topk_with_forced(max_pool(scores, self.pool), self.memory_budget - int(forced.sum()), forced)

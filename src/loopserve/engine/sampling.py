@@ -81,8 +81,9 @@ class Sampler:
             self.generator.seed()
 
     def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor) -> int:
-        """logits: (1, V) for the next position."""
-        logits = logits.float()
+        """logits: (1, V) for the next position (on any device: sampling runs on the CPU, where
+        the seeded generator lives)."""
+        logits, input_ids = logits.float().cpu(), input_ids.cpu()
         if self.penalty is not None:
             logits = self.penalty(input_ids, logits)
         if self.greedy:

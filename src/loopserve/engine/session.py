@@ -58,6 +58,7 @@ class Engine:
         # the KV cache keeps the decode weights' dtype either way.
         self.prefill_model = loaded.prefill_model if loaded.prefill_model is not None else self.model
         self.dtype = loaded.dtype
+        self.device = loaded.device  # every tensor the engine, cache and methods create follows it
         install(self.model)
         install(self.prefill_model)
         self.num_layers = self.model.config.num_hidden_layers
@@ -88,8 +89,8 @@ class Engine:
     # -- the forward pass both phases share ---------------------------------------------
     @torch.inference_mode()
     def forward(self, ids: list[int], cache: SessionCache, ctx: TurnContext, all_logits: bool = False) -> torch.Tensor:
-        input_ids = torch.tensor([ids], dtype=torch.long)
-        pos = torch.arange(ctx.q_start, ctx.q_start + len(ids)).unsqueeze(0)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        pos = torch.arange(ctx.q_start, ctx.q_start + len(ids), device=self.device).unsqueeze(0)
         out = self._weights(ctx)(
             input_ids=input_ids,
             position_ids=pos,
@@ -128,9 +129,10 @@ class Engine:
     def _forward_packed(self, steps: list[tuple[list[int], SessionCache, TurnContext]]) -> list[torch.Tensor]:
         lengths = [len(ids) for ids, _, _ in steps]
         packed = PackedCache([cache for _, cache, _ in steps], lengths)
-        input_ids = torch.tensor([[t for ids, _, _ in steps for t in ids]], dtype=torch.long)
-        pos = torch.cat([torch.arange(ctx.q_start, ctx.q_start + len(ids)) for ids, _, ctx in steps]).unsqueeze(0)
-        last = torch.tensor(lengths).cumsum(0) - 1
+        dev = self.device
+        input_ids = torch.tensor([[t for ids, _, _ in steps for t in ids]], dtype=torch.long, device=dev)
+        pos = torch.cat([torch.arange(ctx.q_start, ctx.q_start + len(ids), device=dev) for ids, _, ctx in steps]).unsqueeze(0)
+        last = torch.tensor(lengths, device=dev).cumsum(0) - 1
         out = self._weights(steps[0][2])(
             input_ids=input_ids,
             position_ids=pos,

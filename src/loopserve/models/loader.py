@@ -61,6 +61,10 @@ class LoadedModel:
         return LoadedModel(self.name, model, self.tokenizer)
 
     @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
     def max_context(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048))
 
@@ -89,14 +93,35 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> str:
-    """``auto`` -> the numerics this machine runs fastest (see ``DTYPE_CHOICES``); other
-    choices are checked and returned as they are."""
+#: ``--device`` choices: ``auto`` is CUDA when PyTorch sees a GPU, else the CPU.
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str | torch.device = "cpu") -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error
+    that says so (``cuda:N`` picks a GPU)."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.split(":")[0] not in DEVICE_CHOICES[1:]:
+        raise ValueError(f"unsupported device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but this PyTorch sees no CUDA GPU "
+                         f"(torch {torch.__version__}); use --device cpu or auto")
+    return torch.device(name)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> str:
+    """``auto`` -> the numerics the device runs fastest (see ``DTYPE_CHOICES``): bfloat16 on
+    CUDA, ``bf16-prefill`` on a CPU with BF16 instructions, else float32. Other choices are
+    checked and returned as they are."""
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
     if dtype == "auto":
+        if resolve_device(device).type == "cuda":
+            return "bfloat16"
         return "bf16-prefill" if cpu_has_bf16() else "float32"
     return dtype
 
@@ -158,11 +183,15 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32") -> LoadedModel:
+def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
+               device: str | torch.device = "cpu") -> LoadedModel:
     """Load `name`: the default model alias, a tiny model name, or a local HF model folder,
-    with the numerics `dtype` names (one of ``DTYPE_CHOICES``; ``auto`` is resolved here)."""
-    numerics = resolve_dtype(dtype)
+    with the numerics `dtype` names (one of ``DTYPE_CHOICES``) on `device` (one of
+    ``DEVICE_CHOICES``); ``auto`` is resolved here for both."""
+    dev = resolve_device(device)
+    numerics = resolve_dtype(dtype, dev)
     loaded = _load(name, parse_dtype("float32" if numerics == "bf16-prefill" else numerics))
+    loaded.model.to(dev)
     if numerics == "bf16-prefill":
         loaded.prefill_model = copy.deepcopy(loaded.model).to(torch.bfloat16).eval()
     return loaded

@@ -43,6 +43,7 @@ PREP_THREADS = 4  # prompts built (templated, tokenised) at once, each with its 
 class ServerConfig:
     model: str = "smollm2"
     dtype: str = "auto"
+    device: str = "auto"
     method: str = "loopserve"
     knobs: dict = field(default_factory=dict)
     api_key: str | None = None
@@ -106,7 +107,7 @@ class ServerState:
 def _build_engine(cfg: ServerConfig) -> Engine:
     from ..models.loader import load_model
 
-    return Engine(load_model(cfg.model, dtype=cfg.dtype), method=cfg.method, knobs=cfg.knobs)
+    return Engine(load_model(cfg.model, dtype=cfg.dtype, device=cfg.device), method=cfg.method, knobs=cfg.knobs)
 
 
 def create_app(engine_or_config: Engine | ServerConfig | str, config: ServerConfig | None = None, **overrides) -> FastAPI:

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from ..cli_options import add_common_options, add_dtype_option, apply_common_options
+from ..cli_options import add_common_options, add_numerics_options, apply_common_options
 
 
 def _default_db() -> str:
@@ -21,7 +21,7 @@ def _default_db() -> str:
 
 def add_serve_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2", help="smollm2 (default), tiny-llama|tiny-qwen2|tiny-qwen3, or a local HF folder")
-    add_dtype_option(p)
+    add_numerics_options(p)
     p.add_argument("--method", default="loopserve", help="method name (see `loopserve methods`), or PREFILL+DECODE")
     p.add_argument("--knob", action="append", metavar="NAME=VALUE", help="method knob, repeatable (e.g. budget=1024)")
     p.add_argument("--host", default="127.0.0.1")
@@ -66,7 +66,7 @@ def server_config(args, knobs: dict, db_path: str | None):
     from .app import ServerConfig
 
     return ServerConfig(
-        model=args.model, dtype=args.dtype, method=args.method, knobs=knobs, api_key=args.api_key or None,
+        model=args.model, dtype=args.dtype, device=args.device, method=args.method, knobs=knobs, api_key=args.api_key or None,
         db_path=db_path, kv_budget_bytes=int(args.kv_budget_mb * (1 << 20)), max_queue=args.max_queue,
         max_active=args.max_active, max_body_bytes=int(args.max_body_mb * (1 << 20)),
         default_max_tokens=args.default_max_tokens, default_temperature=args.default_temperature,
@@ -94,7 +94,7 @@ def cmd_serve(args) -> int:
         return cmd_serve_ray(args, knobs)
     db = args.db if args.db is not None else _default_db()
     cfg = server_config(args, knobs, None if db == ":memory:" else db)
-    engine = Engine(load_model(args.model, dtype=args.dtype), method=args.method, knobs=knobs)
+    engine = Engine(load_model(args.model, dtype=args.dtype, device=args.device), method=args.method, knobs=knobs)
     app = create_app(engine, cfg)
     state = app.state.loopserve
     print(f"loopserve: serving {state.model_id!r} (method {engine.method}) on http://{args.host}:{args.port}/v1 "
