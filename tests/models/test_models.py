@@ -47,3 +47,15 @@ def test_default_model_shape(default_model):
     cfg = default_model.model.config
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (30, 9, 3, 64)
     assert default_model.max_context == 8192
+
+
+def test_random_llama3_8b_has_the_published_shape():
+    """The GPU benchmark's stand-in for Llama-3.1-8B (no hub): built on the meta device here,
+    so only its shapes exist."""
+    from loopserve.models.shaped import shaped_model
+
+    model = shaped_model("random-llama3-8b", torch.bfloat16, torch.device("meta"))
+    params = sum(p.numel() for p in model.parameters())
+    assert 8.02e9 < params < 8.04e9  # Llama-3.1-8B: 8.03B parameters
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (32, 32, 8, 128)

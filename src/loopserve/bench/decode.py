@@ -85,7 +85,7 @@ def run_decode(engine: Engine, context: int, budget: int = 1024, tokens: int = 6
     dense_ms = statistics.median(tpot["dense"]) * 1000
     ours_ms = statistics.median(tpot["loopserve"]) * 1000
     fp32_ms = dense_ms  # decode steps run the decode weights: float32 unless --dtype bfloat16
-    if engine.model.dtype != torch.float32:
+    if engine.model.dtype != torch.float32 and engine.device.type == "cpu":
         ref = Engine(engine.loaded.as_float32(), method="dense")
         ref_tpot, _ = _decode_runs(ref, _prefilled(ref, prompt[:-new_tokens]), prompt, {"dense": ("dense", {})}, tokens, runs)
         fp32_ms = statistics.median(ref_tpot["dense"]) * 1000
@@ -107,7 +107,8 @@ def run_decode(engine: Engine, context: int, budget: int = 1024, tokens: int = 6
         "speedup": round(dense_ms / ours_ms, 2),
         "decode_dtype": str(engine.model.dtype).removeprefix("torch."),
         "dense_fp32_tpot_ms": round(fp32_ms, 2),
-        "speedup_vs_fp32_dense": round(fp32_ms / ours_ms, 2),
+        "speedup_vs_fp32_dense": round(fp32_ms / ours_ms, 2) if engine.device.type == "cpu" or engine.model.dtype == torch.float32 else None,
+        "device": str(engine.device),
         # Dense decoding over only `kept` keys: the ceiling of the speed-up on this model.
         "floor_context": len(short),
         "floor_tpot_ms": round(floor_ms, 2),

@@ -175,14 +175,14 @@ def run_prefill(engine: Engine, context: int = 8192, history: int = 6144, new: i
                 knobs: dict | None = None, progress=None) -> dict:
     """TTFT, dense vs loopserve Phase 1 (dense decode), for a long prompt and a turn 3.
 
-    Both run with the engine's numerics; when those are not float32, dense also runs in
-    float32 (the same weights, ``LoadedModel.as_float32``) in the same process, and
-    ``speedup_vs_fp32_dense`` compares LoopServe's default path with it."""
+    Both run with the engine's numerics; when those are not float32 on a CPU, dense also
+    runs in float32 (the same weights, ``LoadedModel.as_float32``) in the same process, and
+    ``speedup_vs_fp32_dense`` compares LoopServe's default path with it (None on a GPU)."""
     knobs = dict(knobs or {})
     single = engine.encode_messages([{"role": "user", "content": text_chunks(engine.tokenizer, context - 40)[0] + "\n\nSummarise."}])
     hist, full = _conversation_prompts(engine, history, new)
     engines = {"dense": engine, "loopserve": engine}
-    if engine.dtype != "float32":
+    if engine.dtype != "float32" and engine.device.type == "cpu":  # on a GPU, fp32 is nobody's baseline
         engines["dense_fp32"] = Engine(engine.loaded.as_float32(), method="dense")
     bases = {}
     for eng in dict.fromkeys(engines.values()):
@@ -223,7 +223,8 @@ def run_prefill(engine: Engine, context: int = 8192, history: int = 6144, new: i
             "loopserve_ttft_s": round(o, 3),
             "speedup": round(d / o, 2),
             **({"dense_fp32_ttft_s": round(med["dense_fp32"], 3)} if "dense_fp32" in med else {}),
-            "speedup_vs_fp32_dense": round(med.get("dense_fp32", d) / o, 2),
+            "speedup_vs_fp32_dense": (round(med.get("dense_fp32", d) / o, 2)
+                                      if "dense_fp32" in med or engine.dtype == "float32" else None),
             "dense_attention_share": round(dense_share, 3),
             "loopserve_attention_share": round(statistics.median(share["loopserve"]), 3),
             # Amdahl: even free attention cannot beat 1 / (1 - share).
@@ -231,4 +232,5 @@ def run_prefill(engine: Engine, context: int = 8192, history: int = 6144, new: i
             "density": round(statistics.mean(density), 4),
             **{f"{m}_ttft_all_s": [round(x, 3) for x in v] for m, v in ttft.items()},
         }
-    return {"benchmark": "prefill", "model": engine.loaded.name, **run_settings(engine), "runs": runs, "knobs": knobs, **out}
+    return {"benchmark": "prefill", "model": engine.loaded.name, **run_settings(engine), "device": str(engine.device),
+            "runs": runs, "knobs": knobs, **out}

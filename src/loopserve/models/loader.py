@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..paths import cache_root
+from .shaped import SHAPED_CONFIGS, shaped_model
 from .tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
 
 DEFAULT_MODEL = "smollm2"
@@ -177,7 +178,7 @@ def _converted_default_dir() -> Path:
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL):
-    if name in TINY_CONFIGS:
+    if name in TINY_CONFIGS or name in SHAPED_CONFIGS:
         return tiny_tokenizer()
     folder = _converted_default_dir() if name in _DEFAULT_ALIASES else Path(name)
     return AutoTokenizer.from_pretrained(folder)
@@ -190,8 +191,12 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
     ``DEVICE_CHOICES``); ``auto`` is resolved here for both."""
     dev = resolve_device(device)
     numerics = resolve_dtype(dtype, dev)
-    loaded = _load(name, parse_dtype("float32" if numerics == "bf16-prefill" else numerics))
-    loaded.model.to(dev)
+    torch_dtype = parse_dtype("float32" if numerics == "bf16-prefill" else numerics)
+    if name in SHAPED_CONFIGS:
+        loaded = LoadedModel(name, shaped_model(name, torch_dtype, dev), tiny_tokenizer())
+    else:
+        loaded = _load(name, torch_dtype)
+        loaded.model.to(dev)
     if numerics == "bf16-prefill":
         loaded.prefill_model = copy.deepcopy(loaded.model).to(torch.bfloat16).eval()
     return loaded
@@ -208,7 +213,8 @@ def _load(name: str, torch_dtype: torch.dtype) -> LoadedModel:
         label = folder.name
         if not (folder / "config.json").exists():
             raise ValueError(
-                f"unknown model {name!r}: not a tiny model ({sorted(TINY_CONFIGS)}), not the default "
+                f"unknown model {name!r}: not a tiny model ({sorted(TINY_CONFIGS)}), not a random-weight "
+                f"shaped model ({sorted(SHAPED_CONFIGS)}), not the default "
                 f"model ({DEFAULT_MODEL!r}) and not a local Hugging Face folder with a config.json"
             )
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, local_files_only=True)
