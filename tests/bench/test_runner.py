@@ -380,6 +380,21 @@ def test_a_changed_default_does_not_mix_into_finished_results(data_dir, tmp_path
     assert results.read_bytes() == before
 
 
+def test_a_knob_added_later_does_not_invalidate_finished_results(data_dir, tmp_path):
+    """Records written before a knob existed lack it in `config`: a resume accepts them (the
+    new knob's default is the old behaviour); a recorded knob that differs still refuses."""
+    results = tmp_path / "r.jsonl"
+    args = run_args(data_dir, results, methods=["snapkv"], datasets=["passkey"], positions=["back"])
+    assert main(args) == 0
+    recs = records(results)
+    for r in recs:
+        del r["config"]["budget"]
+    results.write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    before = results.read_bytes()
+    assert main(args) == 0
+    assert results.read_bytes() == before  # nothing redone, nothing dropped
+
+
 # --------------------------------------------------------------------------- concurrency
 
 

@@ -532,6 +532,7 @@ def spike_columns(
     stride: int = 1,
     offset: int = 0,
     outliers: float = 0.0,
+    dilate: int = 0,
     row_chunk: int = 256,
     scale: float | None = None,
 ) -> list[torch.Tensor]:
@@ -549,7 +550,9 @@ def spike_columns(
     so a grid finds them; the caller varies ``offset`` by layer so that every row is
     tested in some layers. ``outliers`` > 0 also tests that fraction of the rows whose
     queries lie farthest from their head group's mean query (rows unlike the text
-    around them).
+    around them). ``dilate`` > 0 also keeps the ``dilate`` columns on each side of every
+    column found (a fact spans several tokens; a row that reaches one of them needs its
+    neighbours to read it).
     """
     H, Hkv, n, N, D = _check_shapes(q, k)
     G = H // Hkv
@@ -585,6 +588,10 @@ def spike_columns(
             hit = (qs @ kh.T >= threshold).any(0)  # (r, N): one matmul and one comparison
             far = (cols_all[None, :] >= sinks) & (cols_all[None, :] <= pos[:, None] - len(win))  # causal, not held
             cols |= (hit & far).any(0)
+        if dilate > 0 and bool(cols.any()):
+            found = cols.nonzero().flatten()
+            around = (found[:, None] + torch.arange(-dilate, dilate + 1)[None, :]).flatten()
+            cols[around[(around >= sinks) & (around < N)]] = True
         out.append(cols.nonzero().flatten())
     return out
 
@@ -607,6 +614,7 @@ def select_lines(
     spike_tau: float = 0.0,
     spike_stride: int = 8,
     spike_outliers: float = 0.0,
+    spike_dilate: int = 0,
 ) -> LinePattern:
     """LoopServe Phase 1 selection: probe rows -> probe attention -> greedy coverage.
 
@@ -641,7 +649,7 @@ def select_lines(
         if per_query_head:
             raise ValueError("spike_tau needs per-KV-head patterns")
         spikes = spike_columns(q, k, tau=spike_tau, sinks=sinks, local=local, stride=spike_stride, offset=seed,
-                                outliers=spike_outliers, scale=scale)
+                                outliers=spike_outliers, dilate=spike_dilate, scale=scale)
         for h, extra in enumerate(spikes):
             cover.vertical[h, extra] = True
     vertical = [m.nonzero().flatten() for m in cover.vertical]

@@ -49,6 +49,7 @@ class LoopServePrefill(PrefillMethod):
     spike_tau: float = 0.0
     spike_stride: int = 4
     spike_outliers: float = 0.0  # also test this fraction of rows: the queries least like the rest
+    spike_dilate: int = 0  # also keep this many columns on each side of a spike column
 
     def validate(self) -> None:
         if not isinstance(self.alpha, (int, float)) or not (0.0 < float(self.alpha) <= 1.0):
@@ -64,6 +65,7 @@ class LoopServePrefill(PrefillMethod):
         for knob in ("probe", "sinks", "local", "min_keys", "min_new", "seed", "recall_rows"):
             check_int_knob(self, knob, 0)
         check_int_knob(self, "spike_stride", 1)
+        check_int_knob(self, "spike_dilate", 0)
 
     def attend(self, q, k, v, *, layer_idx, scaling, ctx):
         n, N = q.shape[-2], k.shape[-2]
@@ -75,7 +77,7 @@ class LoopServePrefill(PrefillMethod):
             q[0], k[0], alpha=float(self.alpha), n_probe=n_probe, sinks=self.sinks, local=self.local,
             seed=self.seed + layer_idx, scale=scaling, row_floor=float(self.row_floor),
             stratified=bool(self.stratified), spike_tau=float(self.spike_tau), spike_stride=self.spike_stride,
-            spike_outliers=float(self.spike_outliers),
+            spike_outliers=float(self.spike_outliers), spike_dilate=self.spike_dilate,
         )
         # Phase 2 starts decoding from these position-agnostic probe rows.
         ctx.layer_state[layer_idx]["probe_rows"] = pattern.probe_idx
