@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Import name -> distribution name, where they differ.
-DISTRIBUTION = {"yaml": "pyyaml", "rouge_score": "rouge-score"}
+DISTRIBUTION = {"yaml": "pyyaml", "rouge_score": "rouge-score", "llama_cpp": "llama-cpp-python"}
 
 
 def _normalized(name: str) -> str:

@@ -155,6 +155,13 @@ def run_prefill_attention(engine: Engine, context: int = 8192, alpha: float = 0.
     }
 
 
+def prefill_prompts(engine: Engine, context: int = 8192, history: int = 6144, new: int = 2048) -> tuple[list[int], list[int], list[int]]:
+    """The token prompts `bench prefill` times: (a single ~`context`-token prompt, turn 3's
+    history, turn 3's full prompt); peers are timed on the same ids."""
+    single = engine.encode_messages([{"role": "user", "content": text_chunks(engine.tokenizer, context - 40)[0] + "\n\nSummarise."}])
+    return (single, *_conversation_prompts(engine, history, new))
+
+
 def _conversation_prompts(engine: Engine, history: int, new: int) -> tuple[list[int], list[int]]:
     """(history prompt ids, full prompt ids) for turn 3 of a conversation."""
     per_turn = history // 2 - 40
@@ -179,8 +186,7 @@ def run_prefill(engine: Engine, context: int = 8192, history: int = 6144, new: i
     runs in float32 (the same weights, ``LoadedModel.as_float32``) in the same process, and
     ``speedup_vs_fp32_dense`` compares LoopServe's default path with it (None on a GPU)."""
     knobs = dict(knobs or {})
-    single = engine.encode_messages([{"role": "user", "content": text_chunks(engine.tokenizer, context - 40)[0] + "\n\nSummarise."}])
-    hist, full = _conversation_prompts(engine, history, new)
+    single, hist, full = prefill_prompts(engine, context, history, new)
     engines = {"dense": engine, "loopserve": engine}
     if engine.dtype != "float32" and engine.device.type == "cpu":  # on a GPU, fp32 is nobody's baseline
         engines["dense_fp32"] = Engine(engine.loaded.as_float32(), method="dense")

