@@ -357,6 +357,25 @@ def _spike_reference(q, k, tau, sinks, local, scale, rows):
     return out
 
 
+def test_spike_outliers_and_dilation():
+    """Outlier rows are tested without a grid (stride 0), and a found column brings its
+    neighbours: the far-back key a lone unusual row reaches and the keys on either side."""
+    from loopserve.attention.lines import spike_columns, spike_rows
+
+    assert spike_rows(10, 0).tolist() == [9]
+    torch.manual_seed(3)
+    n, N, D = 40, 120, 16
+    q, k = torch.randn(1, n, D) * 0.1, torch.randn(1, N, D) * 0.1
+    q[0, 7] = torch.randn(D) * 3.0  # one row unlike the others...
+    k[0, 30] = q[0, 7] * 2.0  # ...that reaches far back to key 30
+    none = spike_columns(q, k, tau=0.2, sinks=2, local=8, stride=0)
+    found = spike_columns(q, k, tau=0.2, sinks=2, local=8, stride=0, outliers=0.05)
+    wide = spike_columns(q, k, tau=0.2, sinks=2, local=8, stride=0, outliers=0.05, dilate=2)
+    assert 30 not in none[0].tolist() and 30 in found[0].tolist()
+    assert set(range(28, 33)) <= set(wide[0].tolist())
+    assert set(wide[0].tolist()) == {c + d for c in found[0].tolist() for d in range(-2, 3) if 2 <= c + d < N}
+
+
 @pytest.mark.parametrize("G, n, N, stride, offset", [(1, 40, 40, 1, 0), (2, 30, 150, 4, 1), (3, 25, 203, 3, 5)])
 def test_spike_columns_match_brute_force(G, n, N, stride, offset):
     from loopserve.attention.lines import spike_columns, spike_rows

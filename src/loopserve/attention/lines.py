@@ -517,8 +517,11 @@ def _raise_row_floor(A, pos, cover: CoverResult, floor: float, max_rounds: int =
 
 
 def spike_rows(n: int, stride: int, offset: int = 0) -> torch.Tensor:
-    """Every ``stride``-th of ``n`` new rows, starting at ``offset % stride``, plus the last row."""
-    rows = torch.arange(offset % stride if stride > 1 else 0, n, max(1, stride))
+    """Every ``stride``-th of ``n`` new rows, starting at ``offset % stride``, plus the last
+    row (``stride`` 0: the last row only)."""
+    if stride <= 0:
+        return torch.arange(max(0, n - 1), n)
+    rows = torch.arange(offset % stride if stride > 1 else 0, n, stride)
     return torch.cat([rows, torch.tensor([n - 1])]).unique() if n else rows
 
 

@@ -47,7 +47,7 @@ class LoopServePrefill(PrefillMethod):
     # earlier turn's fact; off by default because the exact test of a dense row grid costs
     # more than it saves on long turns (docs/benchmarks.md, "Answer quality across turns").
     spike_tau: float = 0.0
-    spike_stride: int = 4
+    spike_stride: int = 4  # 0: no grid, only the outlier rows (and the last row)
     spike_outliers: float = 0.0  # also test this fraction of rows: the queries least like the rest
     spike_dilate: int = 0  # also keep this many columns on each side of a spike column
 
@@ -64,7 +64,7 @@ class LoopServePrefill(PrefillMethod):
             raise ValueError(f"invalid knob stratified={self.stratified!r}: must be 0 or 1")
         for knob in ("probe", "sinks", "local", "min_keys", "min_new", "seed", "recall_rows"):
             check_int_knob(self, knob, 0)
-        check_int_knob(self, "spike_stride", 1)
+        check_int_knob(self, "spike_stride", 0)
         check_int_knob(self, "spike_dilate", 0)
 
     def attend(self, q, k, v, *, layer_idx, scaling, ctx):
