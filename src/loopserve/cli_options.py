@@ -35,9 +35,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 #: parsing does not import torch.
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "bf16-prefill")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
-_DTYPE_HELP = ("numerics: auto (bfloat16 on CUDA; on a CPU bf16-prefill where it has BF16 instructions, else "
-               "float32), float32, bfloat16, or bf16-prefill (bfloat16 weights for prefill, float32 for decode and "
-               "the KV cache)")
+_DTYPE_HELP = ("numerics: auto (bfloat16 on CUDA, float32 on a CPU), float32, bfloat16, or bf16-prefill (bfloat16 "
+               "weights for prefill, float32 for decode and the KV cache: faster prefill on a CPU with BF16 "
+               "instructions, answers further from float32's)")
 
 
 def add_numerics_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

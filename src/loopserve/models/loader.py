@@ -32,8 +32,9 @@ _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: ``--dtype`` choices. ``bf16-prefill``: prefill forwards run a bfloat16 copy of the weights
 #: (fast matrix-matrix products where the CPU has BF16 instructions), decode steps the float32
-#: weights (PyTorch's bf16 matrix-vector path is slow on CPUs), KV is kept in float32.
-#: ``auto`` resolves to ``bf16-prefill`` where the CPU has BF16 instructions, else float32.
+#: weights (PyTorch's bf16 matrix-vector path is slow on CPUs), KV is kept in float32. It is
+#: opt-in: its greedy answers drift far from float32's (docs/benchmarks.md, numerics).
+#: ``auto`` resolves to bfloat16 on CUDA and to float32 on a CPU.
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "bf16-prefill")
 
 
@@ -113,17 +114,16 @@ def resolve_device(device: str | torch.device = "cpu") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> str:
-    """``auto`` -> the numerics the device runs fastest (see ``DTYPE_CHOICES``): bfloat16 on
-    CUDA, ``bf16-prefill`` on a CPU with BF16 instructions, else float32. Other choices are
-    checked and returned as they are."""
+    """``auto`` -> the default numerics of the device: bfloat16 on CUDA, float32 on a CPU
+    (``bf16-prefill`` is faster where the CPU has BF16 instructions, but its answers do not
+    stay close enough to float32's to be a default). Other choices are checked and returned
+    as they are."""
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
     if dtype == "auto":
-        if resolve_device(device).type == "cuda":
-            return "bfloat16"
-        return "bf16-prefill" if cpu_has_bf16() else "float32"
+        return "bfloat16" if resolve_device(device).type == "cuda" else "float32"
     return dtype
 
 
