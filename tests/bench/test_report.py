@@ -164,3 +164,17 @@ def test_missing_or_empty_results(tmp_path):
     (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
     with pytest.raises(BenchError, match="no records"):
         load_results(tmp_path / "empty.jsonl")
+
+
+def test_report_methods_selects_labels(tmp_path, capsys):
+    """`--methods` reports the finished configurations of files that also hold an unfinished
+    one; a label not in the files is named, with the ones that are."""
+    records = [rec(m, "nq", p, 0, 0.5) for m in ("dense", "snapkv", "adakv") for p in ("front", "back")]
+    results = write(tmp_path / "results.jsonl", records)
+    out = tmp_path / "report"
+    assert main(["report", "--results", str(results), "--out", str(out), "--methods", "dense,snapkv"]) == 0
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["records"] == 4 and {r["method"] for r in summary["averages"]} == {"dense", "snapkv"}
+    assert main(["report", "--results", str(results), "--out", str(tmp_path / "x"), "--methods", "dense,h2o"]) == 2
+    assert "--methods h2o: not in the results (they hold adakv, dense, snapkv)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -186,9 +186,12 @@ def _print_written(write, args) -> int:
 
 
 def cmd_report(args) -> int:
+    from functools import partial
+
     from .report import write_report
 
-    return _print_written(write_report, args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    return _print_written(partial(write_report, methods=methods), args)
 
 
 def cmd_sensitivity(args) -> int:
@@ -246,6 +249,8 @@ def add_bench_commands(bench) -> None:
                    help="one or more results JSONL files (default runs/bench/results.jsonl)")
     p.add_argument("--out", default="runs/bench/report", help="output folder (default runs/bench/report)")
     p.add_argument("--reference", default="dense", help="method the others are compared with (default dense)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated method labels to report (default: all in the files), e.g. the finished ones")
     add_common_options(p)
     p.set_defaults(func=cmd_report)
 

@@ -640,14 +640,22 @@ def load_many(results: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple
 
 
 def write_report(results: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike = "runs/bench/report",
-                 reference: str = "dense") -> dict[str, Path]:
+                 reference: str = "dense", methods: Sequence[str] | None = None) -> dict[str, Path]:
     """Write ``report.md``, ``summary.json`` and the PNG plots to ``out_dir``.
 
     ``results`` is one results file or several (each configuration may run in its own
-    process and file). Everything is computed and rendered in a temporary folder first,
-    so bad input (a malformed results line) or a failing plot leaves ``out_dir`` as it was.
+    process and file). ``methods``: report only these labels (e.g. the finished
+    configurations of a file that also holds an unfinished one). Everything is computed and
+    rendered in a temporary folder first, so bad input (a malformed results line) or a
+    failing plot leaves ``out_dir`` as it was.
     """
     records, source = load_many(results)
+    if methods is not None:
+        present = sorted({r["method"] for r in records})
+        unknown = [m for m in methods if m not in present]
+        if unknown:
+            raise BenchError(f"--methods {', '.join(unknown)}: not in the results (they hold {', '.join(present)})")
+        records = [r for r in records if r["method"] in set(methods)]
     summary = summarize(records, reference=reference, source=source)
     markdown = render_markdown(summary)
     out = Path(out_dir)
