@@ -11,7 +11,6 @@ from loopserve.cli_options import DTYPE_CHOICES as CLI_DTYPE_CHOICES
 from loopserve.engine import Engine, SamplingParams
 from loopserve.engine.scheduler import Scheduler
 from loopserve.models import DTYPE_CHOICES, load_model, resolve_dtype
-from loopserve.models.loader import cpu_has_bf16
 
 PROMPT = "The keeper of the lighthouse counted ships every night and wrote their names in a ledger."
 
@@ -27,7 +26,6 @@ def test_dtype_choices_are_the_same_everywhere():
 
 def test_auto_follows_the_cpu_and_bad_names_are_refused():
     assert resolve_dtype("auto") == "float32"  # bf16-prefill is opt-in on CPUs (answers drift)
-    assert isinstance(cpu_has_bf16(), bool)
     assert resolve_dtype(torch.bfloat16) == "bfloat16"
     with pytest.raises(ValueError, match="unsupported dtype 'float16'.*bf16-prefill"):
         load_model("tiny-llama", dtype="float16")

@@ -8,7 +8,6 @@ safetensors under `$LOOPSERVE_CACHE` (default `~/.cache/loopserve`).
 from __future__ import annotations
 
 import copy
-import functools
 import importlib.util
 import shutil
 import sys
@@ -82,17 +81,6 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native BF16 matrix instructions (AVX-512 BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 #: ``--device`` choices: ``auto`` is CUDA when PyTorch sees a GPU, else the CPU.
