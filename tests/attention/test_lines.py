@@ -393,6 +393,25 @@ def test_spike_columns_match_brute_force(G, n, N, stride, offset):
     assert 5 in want[0]  # the planted far-back spike is among them
 
 
+def test_spike_history_only_tests_earlier_turns_keys_alone():
+    """``history_only`` finds exactly the all-keys spike columns that lie before the new
+    rows (dilation included, clipped there), and nothing when there is no history."""
+    from loopserve.attention.lines import spike_columns
+
+    torch.manual_seed(5)
+    Hkv, G, n, N, D = 2, 2, 30, 110, 16
+    q, k = torch.randn(Hkv * G, n, D) * 0.7, torch.randn(Hkv, N, D) * 0.7
+    k[0, 6] = q[0, 29] * 3.0  # a spike into the history (columns < 80)...
+    k[1, 95] = q[2, 29] * 3.0  # ...and one into the new input
+    every = spike_columns(q, k, tau=0.2, sinks=2, local=8, stride=1, dilate=1)
+    hist = spike_columns(q, k, tau=0.2, sinks=2, local=8, stride=1, dilate=1, history_only=True)
+    assert 6 in every[0].tolist() and 95 in every[1].tolist()
+    assert [c.tolist() for c in hist] == [c[c < N - n].tolist() for c in every]
+    assert 95 not in hist[1].tolist()
+    first_turn = spike_columns(q[:, :, :], k[:, :n], tau=0.2, sinks=2, local=8, stride=1, history_only=True)
+    assert all(len(c) == 0 for c in first_turn)
+
+
 def test_spike_pass_catches_an_unprobed_row_reaching_far_back():
     """One new row (not a probe row) attends almost only to one old key. Mean probe
     coverage never sees it; with spike_tau its column joins the pattern and that row's

@@ -536,6 +536,7 @@ def spike_columns(
     offset: int = 0,
     outliers: float = 0.0,
     dilate: int = 0,
+    history_only: bool = False,
     row_chunk: int = 256,
     scale: float | None = None,
 ) -> list[torch.Tensor]:
@@ -555,19 +556,23 @@ def spike_columns(
     queries lie farthest from their head group's mean query (rows unlike the text
     around them). ``dilate`` > 0 also keeps the ``dilate`` columns on each side of every
     column found (a fact spans several tokens; a row that reaches one of them needs its
-    neighbours to read it).
+    neighbours to read it). ``history_only``: test only the keys before the new rows
+    (earlier turns), at a cost proportional to the history; a first turn costs nothing.
     """
     H, Hkv, n, N, D = _check_shapes(q, k)
     G = H // Hkv
+    end = N - n if history_only else N  # columns past `end` are never tested
+    if end <= sinks:
+        return [torch.zeros(0, dtype=torch.long) for _ in range(Hkv)]
     scale = D**-0.5 if scale is None else scale
     log_tau = math.log(tau)
     grid = spike_rows(n, stride, offset)
     win = torch.arange(-min(local, N) + 1, 1)  # offsets of the local window
-    cols_all = torch.arange(N)
+    cols_all = torch.arange(end)
     out = []
     for h in range(Hkv):
         kh = k[h].float()
-        cols = torch.zeros(N, dtype=torch.bool)
+        cols = torch.zeros(end, dtype=torch.bool)
         rows = grid
         m = min(n, math.ceil(outliers * n)) if outliers > 0 else 0
         if m:
@@ -588,13 +593,13 @@ def spike_columns(
                 early = torch.arange(len(sink_keys))[None, :] > (pos[:, None] - len(win))
                 parts.append((qs @ sink_keys.T).masked_fill(early, float("-inf")))
             threshold = torch.logsumexp(torch.cat(parts, -1), -1, keepdim=True) + log_tau  # (G, r, 1)
-            hit = (qs @ kh.T >= threshold).any(0)  # (r, N): one matmul and one comparison
+            hit = (qs @ kh[:end].T >= threshold).any(0)  # (r, end): one matmul and one comparison
             far = (cols_all[None, :] >= sinks) & (cols_all[None, :] <= pos[:, None] - len(win))  # causal, not held
             cols |= (hit & far).any(0)
         if dilate > 0 and bool(cols.any()):
             found = cols.nonzero().flatten()
             around = (found[:, None] + torch.arange(-dilate, dilate + 1)[None, :]).flatten()
-            cols[around[(around >= sinks) & (around < N)]] = True
+            cols[around[(around >= sinks) & (around < end)]] = True
         out.append(cols.nonzero().flatten())
     return out
 
@@ -618,6 +623,7 @@ def select_lines(
     spike_stride: int = 8,
     spike_outliers: float = 0.0,
     spike_dilate: int = 0,
+    spike_history_only: bool = False,
 ) -> LinePattern:
     """LoopServe Phase 1 selection: probe rows -> probe attention -> greedy coverage.
 
@@ -631,7 +637,8 @@ def select_lines(
     (:func:`_raise_row_floor`). ``stratified``: probe rows one per stratum (see
     :func:`probe_rows`). ``spike_tau`` > 0: columns where a row of a grid of every
     ``spike_stride``-th new row (offset by ``seed``) has a spike of attention
-    (:func:`spike_columns`) join the verticals.
+    (:func:`spike_columns`; ``spike_history_only``: columns of earlier turns only) join
+    the verticals.
     """
     q, k = q.cpu(), k.cpu()  # selection runs on the CPU (native greedy); kernels take the lines anywhere
     H, Hkv, n, N, D = _check_shapes(q, k)
@@ -652,7 +659,8 @@ def select_lines(
         if per_query_head:
             raise ValueError("spike_tau needs per-KV-head patterns")
         spikes = spike_columns(q, k, tau=spike_tau, sinks=sinks, local=local, stride=spike_stride, offset=seed,
-                                outliers=spike_outliers, dilate=spike_dilate, scale=scale)
+                                outliers=spike_outliers, dilate=spike_dilate, history_only=spike_history_only,
+                                scale=scale)
         for h, extra in enumerate(spikes):
             cover.vertical[h, extra] = True
     vertical = [m.nonzero().flatten() for m in cover.vertical]

@@ -41,15 +41,20 @@ class LoopServePrefill(PrefillMethod):
     # of alpha of the total: see lines.select_lines.
     row_floor: float = 0.0
     stratified: int = 0  # 1: probe rows one per stratum of the input instead of uniform
-    # Columns where a row of a grid of every `spike_stride`-th new row has a cell with at
-    # least this share of the mass of its sinks + local window join the verticals (0: off):
-    # see lines.spike_columns. Probe rows alone miss a question's rows reaching back to an
-    # earlier turn's fact; off by default because the exact test of a dense row grid costs
-    # more than it saves on long turns (docs/benchmarks.md, "Answer quality across turns").
-    spike_tau: float = 0.0
-    spike_stride: int = 4  # 0: no grid, only the outlier rows (and the last row)
-    spike_outliers: float = 0.0  # also test this fraction of rows: the queries least like the rest
-    spike_dilate: int = 0  # also keep this many columns on each side of a spike column
+    # The spike pass (lines.spike_columns): probe rows alone miss a question's rows that
+    # reach back to an earlier turn's fact, because those columns carry little of the
+    # probes' summed mass. The rows least like the rest (`spike_outliers`) are tested
+    # exactly against the earlier turns' keys; a column where one of them puts at least
+    # `spike_tau` of the mass of its sinks + local window joins the verticals, with
+    # `spike_dilate` neighbours on each side (a fact spans several tokens). A first turn has
+    # no history and pays nothing. A dense grid of rows (`spike_stride`) finds more but
+    # costs more than the sparse prefill saves (docs/benchmarks.md, "Answer quality across
+    # turns"). spike_tau=0 turns the pass off.
+    spike_tau: float = 0.1
+    spike_stride: int = 0  # >0: also test every spike_stride-th row (0: outlier rows and the last row)
+    spike_outliers: float = 0.05  # fraction of rows tested: the queries farthest from their group's mean
+    spike_dilate: int = 3  # also keep this many columns on each side of a spike column
+    spike_history_only: int = 1  # 0: test the new input's own keys too
 
     def validate(self) -> None:
         if not isinstance(self.alpha, (int, float)) or not (0.0 < float(self.alpha) <= 1.0):
@@ -60,8 +65,9 @@ class LoopServePrefill(PrefillMethod):
             raise ValueError(f"invalid knob spike_outliers={self.spike_outliers!r}: must be in [0, 1]")
         if not isinstance(self.spike_tau, (int, float)) or not (0.0 <= float(self.spike_tau) < 1.0):
             raise ValueError(f"invalid knob spike_tau={self.spike_tau!r}: must be in [0, 1)")
-        if self.stratified not in (0, 1):
-            raise ValueError(f"invalid knob stratified={self.stratified!r}: must be 0 or 1")
+        for knob in ("stratified", "spike_history_only"):
+            if getattr(self, knob) not in (0, 1):
+                raise ValueError(f"invalid knob {knob}={getattr(self, knob)!r}: must be 0 or 1")
         for knob in ("probe", "sinks", "local", "min_keys", "min_new", "seed", "recall_rows"):
             check_int_knob(self, knob, 0)
         check_int_knob(self, "spike_stride", 0)
@@ -78,6 +84,7 @@ class LoopServePrefill(PrefillMethod):
             seed=self.seed + layer_idx, scale=scaling, row_floor=float(self.row_floor),
             stratified=bool(self.stratified), spike_tau=float(self.spike_tau), spike_stride=self.spike_stride,
             spike_outliers=float(self.spike_outliers), spike_dilate=self.spike_dilate,
+            spike_history_only=bool(self.spike_history_only),
         )
         # Phase 2 starts decoding from these position-agnostic probe rows.
         ctx.layer_state[layer_idx]["probe_rows"] = pattern.probe_idx

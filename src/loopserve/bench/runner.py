@@ -579,8 +579,9 @@ def _density(stats, bound) -> float | None:
     return 1.0 if bound.prefill.name == "dense" else None
 
 
-def make_record(unit: Unit, turn: dict, result, bound, *, model: str, dtype: str) -> dict:
-    """The JSONL record of one played turn (see docs/benchmark.md for the fields)."""
+def make_record(unit: Unit, turn: dict, result, bound, *, model: str, dtype: str, concurrency: int = 1) -> dict:
+    """The JSONL record of one played turn (see docs/benchmark.md for the fields).
+    ``concurrency``: units played at once (timings of shared forwards when > 1)."""
     st = result.stats
     return {
         "schema": RESULT_SCHEMA,
@@ -614,6 +615,7 @@ def make_record(unit: Unit, turn: dict, result, bound, *, model: str, dtype: str
         "model": model,
         "dtype": dtype,
         "threads": thread_budget(),  # timings depend on it
+        "concurrency": concurrency,
         "knobs": unit.knobs,
         "config": bound.knobs(),
         "context_tokens": unit.conv.get("context_tokens"),
@@ -667,8 +669,8 @@ def execute(plan: RunPlan, engine, *, progress: bool = True, warmup: bool = True
                         fh.write("\n")
 
             def write(unit: Unit, turn: dict, result, session) -> None:
-                rec = make_record(unit, turn, result, session.method, model=plan.model, dtype=plan.dtype)
-                rec["concurrency"] = concurrency
+                rec = make_record(unit, turn, result, session.method, model=plan.model, dtype=plan.dtype,
+                                  concurrency=concurrency)
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -676,8 +678,10 @@ def execute(plan: RunPlan, engine, *, progress: bool = True, warmup: bool = True
                 if bar is not None:
                     bar.update(1)
 
-            play = _play_one_at_a_time if concurrency == 1 else _play_batched
-            play(plan, engine, write, summary, bar, concurrency)
+            if concurrency == 1:
+                _play_one_at_a_time(plan, engine, write, summary, bar)
+            else:
+                _play_batched(plan, engine, write, summary, bar, concurrency)
     finally:
         if bar is not None:
             bar.close()
@@ -690,7 +694,7 @@ def _context_error(unit: Unit, turn: dict, exc: Exception) -> BenchError:
                       "lower --context or --max-new-tokens")
 
 
-def _play_one_at_a_time(plan: RunPlan, engine, write, summary: RunSummary, bar, concurrency: int) -> None:
+def _play_one_at_a_time(plan: RunPlan, engine, write, summary: RunSummary, bar) -> None:
     from ..engine import SamplingParams
     from ..engine.session import ContextLengthError
 
