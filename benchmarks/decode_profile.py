@@ -13,7 +13,7 @@ Phase 2 (`dense+loopserve`, budget B, re-selection every n_d tokens):
   (linear layers: the weights), else "other ops" (norms, RoPE, embedding, sampling);
   "Python and dispatch" is the profiled decode time not spent inside any op.
 
-    python benchmarks/decode_profile.py --context 8192 --threads 2 --out runs/decode-profile.json
+    python benchmarks/decode_profile.py --context 8000 --threads 2 --out runs/decode-profile.json
 
 Prints a markdown table; the JSON holds the shares and the slowest ops of each category.
 """
@@ -88,7 +88,7 @@ def profile_once(base, prompt: list[int], method: str, knobs: dict, tokens: int)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--context", type=int, default=8000)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--budget", type=int, default=1024)
@@ -100,6 +100,8 @@ def main() -> None:
 
     engine = Engine(load_model("smollm2", dtype=args.dtype), method="dense", threads=args.threads)
     prompt = long_prompt(engine, args.context)
+    if len(prompt) + args.tokens >= engine.max_context:  # past it the cache slides and no view holds
+        sys.exit(f"context {len(prompt)} + {args.tokens} tokens exceeds the model's {engine.max_context}-token limit")
     base = engine.new_session(method="dense")
     base.prefill(prompt[:-32])
     methods = {"dense": ("dense", {}), "loopserve": ("dense+loopserve", {"budget": args.budget, "n_d": args.n_d})}

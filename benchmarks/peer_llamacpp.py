@@ -15,6 +15,15 @@ llama.cpp figures are medians of `--runs`; LoopServe's come from `run_prefill` a
 `--out` (default stdout), and a markdown table to stderr.
 
     pip install -e '.[peer]'     # builds llama.cpp from source with this CPU's flags
+
+On a CPU with AMX (e.g. Sapphire Rapids), the native build's AMX matmul for Q4_1 crashed
+(SIGSEGV in `ggml_backend_amx_mul_mat`, llama-cpp-python 0.3.36, 2026-12-02). Build with
+the AVX-512 flags and without AMX instead:
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_FMA=ON \
+      -DGGML_F16C=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON \
+      -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" \
+      pip install --force-reinstall --no-deps --no-cache-dir 'llama-cpp-python==0.3.36'
     python benchmarks/peer_llamacpp.py --threads 2 --runs 3 --out runs/peer-llamacpp.json
 
 Both sides use the same ids: the GGUF carries the tokenizer LoopServe's converted model uses.

@@ -44,17 +44,18 @@ class LoopServePrefill(PrefillMethod):
     # The spike pass (lines.spike_columns): probe rows alone miss a question's rows that
     # reach back to an earlier turn's fact, because those columns carry little of the
     # probes' summed mass. The rows least like the rest (`spike_outliers`) are tested
-    # exactly against the earlier turns' keys; a column where one of them puts at least
-    # `spike_tau` of the mass of its sinks + local window joins the verticals, with
-    # `spike_dilate` neighbours on each side (a fact spans several tokens). A first turn has
-    # no history and pays nothing. A dense grid of rows (`spike_stride`) finds more but
-    # costs more than the sparse prefill saves (docs/benchmarks.md, "Answer quality across
-    # turns"). spike_tau=0 turns the pass off.
+    # exactly against every key; a column where one of them puts at least `spike_tau` of
+    # the mass of its sinks + local window joins the verticals, with `spike_dilate`
+    # neighbours on each side (a fact spans several tokens). Testing earlier turns' keys
+    # only (`spike_history_only=1`) makes a first turn free but answers drift further from
+    # dense's over a conversation; a dense grid of rows (`spike_stride`) costs more than the
+    # sparse prefill saves (docs/benchmarks.md, "Answer quality across turns").
+    # spike_tau=0 turns the pass off.
     spike_tau: float = 0.1
     spike_stride: int = 0  # >0: also test every spike_stride-th row (0: outlier rows and the last row)
     spike_outliers: float = 0.05  # fraction of rows tested: the queries farthest from their group's mean
     spike_dilate: int = 3  # also keep this many columns on each side of a spike column
-    spike_history_only: int = 1  # 0: test the new input's own keys too
+    spike_history_only: int = 0  # 1: test only earlier turns' keys (a first turn pays nothing)
 
     def validate(self) -> None:
         if not isinstance(self.alpha, (int, float)) or not (0.0 < float(self.alpha) <= 1.0):
