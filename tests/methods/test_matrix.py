@@ -166,6 +166,9 @@ def test_unknown_method_name_is_a_clear_error():
         ("minference", {"vertical_size": 0}, "vertical_size"),
         ("minference", {"per_query_head": 1}, "per_query_head"),
         ("minference+snapkv", {"last_q": True}, "last_q"),
+        ("loopserve", {"spike_history_only": 2}, "spike_history_only"),
+        ("loopserve", {"spike_tau": 1.0}, "spike_tau"),
+        ("loopserve", {"spike_dilate": -1}, "spike_dilate"),
     ],
 )
 def test_invalid_knob_is_a_clear_error(method, knobs, bad):
