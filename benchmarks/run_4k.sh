@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The 4k main run of issue 12 and its ablation, every configuration resumable: finished units
+# are skipped, so running this again continues where it stopped. Run from the repository root
+# with the package installed (`make demo` or `make test` sets up .venv); it takes hours (about
+# 37 minutes per full configuration on a 2-core CPU; see docs/benchmarks.md, "The 4k main run").
+# The data is rebuilt deterministically if missing:
+#   .venv/bin/loopserve bench build --context 4000 --conversations 6
+set -ex
+L=${LOOPSERVE:-.venv/bin/loopserve}
+B="--context 4000 --limit 3 --max-new-tokens 64 --dtype bf16-prefill --threads 2 --concurrency 4 --no-progress"
+R=docs/results/4k
+$L bench run --methods dense $B --out $R/results-dense.jsonl
+$L bench run --methods loopserve $B --out $R/results-loopserve.jsonl
+$L bench run --methods snapkv,adakv --knob budget=1024 $B --out $R/results-kv-baselines.jsonl
+# the phase ablation: Phase 1 alone, Phase 2 alone
+$L bench run --methods loopserve+dense $B --out $R/results-prefill.jsonl
+$L bench run --methods dense+loopserve $B --out $R/results-decode-alone.jsonl
+$L bench run --methods loopserve-bounded=loopserve --knob loopserve-bounded:mode=bounded \
+    --knob loopserve-bounded:memory_budget=2048 $B --out $R/results-loopserve-bounded.jsonl
+$L bench run --methods streamingllm --knob budget=1024 --knob streamingllm:window=1020 $B --out $R/results-kv-baselines.jsonl
+$L bench run --methods minference+dense $B --out $R/results-prefill.jsonl
+# alpha, B and n_d one at a time on the retrieval-heavy datasets
+$L bench run --datasets passkey,squad_multi,nq,turn_recall \
+    --methods a08=loopserve,a095=loopserve,b256=loopserve,b512=loopserve,b2048=loopserve,nd4=loopserve,nd64=loopserve \
+    --knob a08:alpha=0.8 --knob a095:alpha=0.95 --knob b256:budget=256 --knob b512:budget=512 --knob b2048:budget=2048 \
+    --knob nd4:n_d=4 --knob nd64:n_d=64 $B --out $R/results-ablation.jsonl
+$L bench sensitivity --results $R/results-dense.jsonl $R/results-loopserve.jsonl $R/results-ablation.jsonl --out $R/sensitivity
