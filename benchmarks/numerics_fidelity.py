@@ -15,39 +15,61 @@ not, prefill seconds), then a summary line:
 
     python benchmarks/numerics_fidelity.py 10 > runs/numerics-fidelity.jsonl
 """
-import json, sys, time, torch
-from loopserve.engine import Engine, SamplingParams
-from loopserve.models import load_model
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
 from loopserve.bench.fidelity import fidelity_prompts
 from loopserve.bench.report import fidelity
-count = int(sys.argv[1]) if len(sys.argv) > 1 else 10
-fp32 = Engine(load_model("smollm2"), method="dense", threads=2)  # the thread budget of the whole process
-bf = Engine(load_model("smollm2", dtype="bf16-prefill"), method="dense")
-prompts = fidelity_prompts(fp32.tokenizer, 4000, count)
-sp = SamplingParams(max_new_tokens=64)
-def answer(engine, ids, mode):
+from loopserve.engine import Engine, SamplingParams
+from loopserve.models import load_model
+from loopserve.threads import intra_op_threads
+
+VARIANTS = ("fp32-threads1", "autocast-bf16", "bf16-prefill")
+
+
+def answer(engine: Engine, ids: list[int], mode: str, sampling: SamplingParams) -> tuple[str, float]:
+    """Greedy answer after `ids`, all but the last token prefilled under `mode`; prefill seconds."""
     s = engine.new_session(method="dense")
     t0 = time.perf_counter()
     if mode == "autocast":
         with torch.autocast("cpu", dtype=torch.bfloat16):
             s.prefill(ids[:-1])
     elif mode == "threads1":
-        torch.set_num_threads(1); s.prefill(ids[:-1]); torch.set_num_threads(2)
+        with intra_op_threads(1):
+            s.prefill(ids[:-1])
     else:
         s.prefill(ids[:-1])
     pre = time.perf_counter() - t0
-    st = s.stream_ids(ids, sp)
-    for _ in st: pass
-    return st.result.text, pre
-rows = []
-for i, p in enumerate(prompts):
-    ids = fp32.encode_messages([{"role": "user", "content": p}])
-    ref, tref = answer(fp32, ids, "fp32")
-    row = {"prompt": i, "tokens": len(ids), "fp32_prefill_s": tref}
-    for name, eng, mode in [("fp32-threads1", fp32, "threads1"), ("autocast-bf16", fp32, "autocast"), ("bf16-prefill", bf, "fp32")]:
-        a, t = answer(eng, ids, mode)
-        row[name] = {"rouge_l": fidelity(a, ref), "identical": a == ref, "prefill_s": t}
-    rows.append(row); print(json.dumps(row), flush=True)
-summ = {n: {"rouge_l": sum(r[n]["rouge_l"] for r in rows) / len(rows), "identical": sum(r[n]["identical"] for r in rows)}
-        for n in ("fp32-threads1", "autocast-bf16", "bf16-prefill")}
-print(json.dumps({"summary": summ, "prompts": len(rows)}))
+    stream = s.stream_ids(ids, sampling)
+    for _ in stream:
+        pass
+    return stream.result.text, pre
+
+
+def main() -> None:
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 10
+    fp32 = Engine(load_model("smollm2"), method="dense", threads=2)  # the thread budget of the whole process
+    bf = Engine(load_model("smollm2", dtype="bf16-prefill"), method="dense")
+    sampling = SamplingParams(max_new_tokens=64)
+    rows = []
+    for i, prompt in enumerate(fidelity_prompts(fp32.tokenizer, 4000, count)):
+        ids = fp32.encode_messages([{"role": "user", "content": prompt}])
+        ref, t_ref = answer(fp32, ids, "fp32", sampling)
+        row = {"prompt": i, "tokens": len(ids), "fp32_prefill_s": t_ref}
+        for name, engine, mode in zip(VARIANTS, (fp32, fp32, bf), ("threads1", "autocast", "fp32")):
+            text, t = answer(engine, ids, mode, sampling)
+            row[name] = {"rouge_l": fidelity(text, ref), "identical": text == ref, "prefill_s": t}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    summary = {n: {"rouge_l": sum(r[n]["rouge_l"] for r in rows) / len(rows), "identical": sum(r[n]["identical"] for r in rows)}
+               for n in VARIANTS}
+    print(json.dumps({"summary": summary, "prompts": len(rows)}))
+
+
+if __name__ == "__main__":
+    main()

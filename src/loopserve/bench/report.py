@@ -655,7 +655,8 @@ def write_report(results: str | os.PathLike | Sequence[str | os.PathLike], out_d
         unknown = [m for m in methods if m not in present]
         if unknown:
             raise BenchError(f"--methods {', '.join(unknown)}: not in the results (they hold {', '.join(present)})")
-        records = [r for r in records if r["method"] in set(methods)]
+        wanted = set(methods)
+        records = [r for r in records if r["method"] in wanted]
     summary = summarize(records, reference=reference, source=source)
     markdown = render_markdown(summary)
     out = Path(out_dir)
