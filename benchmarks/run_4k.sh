@@ -11,14 +11,17 @@ B="--context 4000 --limit 3 --max-new-tokens 64 --dtype bf16-prefill --threads 2
 R=docs/results/4k
 $L bench run --methods dense $B --out $R/results-dense.jsonl
 $L bench run --methods loopserve $B --out $R/results-loopserve.jsonl
+$L bench run --methods loopserve-bounded=loopserve --knob loopserve-bounded:mode=bounded \
+    --knob loopserve-bounded:memory_budget=2048 $B --out $R/results-loopserve-bounded.jsonl
 $L bench run --methods snapkv,adakv --knob budget=1024 $B --out $R/results-kv-baselines.jsonl
+$L bench run --methods streamingllm --knob budget=1024 --knob streamingllm:window=1020 $B --out $R/results-kv-baselines.jsonl
+$L bench run --methods minference+dense $B --out $R/results-prefill.jsonl
 # the phase ablation: Phase 1 alone, Phase 2 alone
 $L bench run --methods loopserve+dense $B --out $R/results-prefill.jsonl
 $L bench run --methods dense+loopserve $B --out $R/results-decode-alone.jsonl
-$L bench run --methods loopserve-bounded=loopserve --knob loopserve-bounded:mode=bounded \
-    --knob loopserve-bounded:memory_budget=2048 $B --out $R/results-loopserve-bounded.jsonl
-$L bench run --methods streamingllm --knob budget=1024 --knob streamingllm:window=1020 $B --out $R/results-kv-baselines.jsonl
-$L bench run --methods minference+dense $B --out $R/results-prefill.jsonl
+# multi-turn retrieval of a first turn's fact, on all 6 conversations built
+$L bench run --datasets turn_recall --methods dense,loopserve,snapkv,adakv --knob snapkv:budget=1024 \
+    --knob adakv:budget=1024 ${B/--limit 3/--limit 6} --out $R/results-turn-recall.jsonl
 # alpha, B and n_d one at a time on the retrieval-heavy datasets
 $L bench run --datasets passkey,squad_multi,nq,turn_recall \
     --methods a08=loopserve,a095=loopserve,b256=loopserve,b512=loopserve,b2048=loopserve,nd4=loopserve,nd64=loopserve \

@@ -6,7 +6,7 @@ from loopserve.engine import Engine, SamplingParams
 from tests.conftest import TINY
 
 TEXT = "Sparse attention picks lines: columns for sinks, diagonals for local context. " * 3
-FORCE_SPARSE = {"min_keys": 0, "min_new": 0, "probe": 16}
+FORCE_SPARSE = {"min_keys": 0, "min_new": 0, "probe": 16, "dense_last": 4}
 
 
 @pytest.mark.parametrize("name", TINY)

@@ -169,6 +169,8 @@ def test_unknown_method_name_is_a_clear_error():
         ("loopserve", {"spike_history_only": 2}, "spike_history_only"),
         ("loopserve", {"spike_tau": 1.0}, "spike_tau"),
         ("loopserve", {"spike_dilate": -1}, "spike_dilate"),
+        ("loopserve", {"dense_last": -1}, "dense_last"),
+        ("loopserve+dense", {"dense_first": 1.5}, "dense_first"),
     ],
 )
 def test_invalid_knob_is_a_clear_error(method, knobs, bad):

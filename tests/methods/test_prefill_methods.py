@@ -104,3 +104,23 @@ def test_minference_lines_come_from_the_last_queries_with_forced_sinks_and_diago
     masks = [pattern_mask(pattern, h if per_query_head else h // (H // H_KV), rows) for h in range(H)]
     torch.testing.assert_close(out, _masked_attention(q, k, v, torch.stack(masks)), rtol=1e-4, atol=1e-5)
     assert 0 < ctx.stats["prefill_density"][0] < 1
+
+
+@pytest.mark.parametrize("first,last", [(0, 24), (24, 0), (16, 24)])
+def test_loopserve_dense_first_and_last_rows_equal_dense_and_leave_the_rest_sparse(first, last):
+    n, N = 160, 260  # with 100 tokens of history
+    base = dict(min_keys=0, min_new=0, probe=16, alpha=0.3, local=8, spike_tau=0, dense_last=0)
+    q, k, v = _qkv(n, N, seed=4)
+    sparse, ctx0, _ = _attend("loopserve", base, q, k, v)
+    out, ctx, _ = _attend("loopserve", dict(base, dense_first=first, dense_last=last), q, k, v)
+    dense = dense_attention(q, k, v, SCALE)
+    middle = slice(first, n - last)
+    torch.testing.assert_close(out[:, :, :first], dense[:, :, :first], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[:, :, n - last:], dense[:, :, n - last:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[:, :, middle], sparse[:, :, middle])  # the same selection elsewhere
+    assert not torch.allclose(out[:, :, middle], dense[:, :, middle], atol=1e-3)
+    assert ctx0.stats["prefill_density"][0] < ctx.stats["prefill_density"][0] < 1
+    # Dense rows covering the whole input are dense attention.
+    whole, ctx2, _ = _attend("loopserve", dict(base, dense_last=n), q, k, v)
+    torch.testing.assert_close(whole, dense, rtol=1e-5, atol=1e-6)
+    assert ctx2.stats["prefill_density"][0] == pytest.approx(1.0)

@@ -56,6 +56,11 @@ class LoopServePrefill(PrefillMethod):
     spike_outliers: float = 0.05  # fraction of rows tested: the queries farthest from their group's mean
     spike_dilate: int = 3  # also keep this many columns on each side of a spike column
     spike_history_only: int = 0  # 1: test only earlier turns' keys (a first turn pays nothing)
+    # The rows nearest the answer decide its first tokens (TriShape's observation, SCBench):
+    # the last `dense_last` new rows attend densely, at dense_last / n of dense attention's
+    # cost; `dense_first` does the same for the first rows.
+    dense_last: int = 64
+    dense_first: int = 0
 
     def validate(self) -> None:
         if not isinstance(self.alpha, (int, float)) or not (0.0 < float(self.alpha) <= 1.0):
@@ -69,7 +74,7 @@ class LoopServePrefill(PrefillMethod):
         for knob in ("stratified", "spike_history_only"):
             if getattr(self, knob) not in (0, 1):
                 raise ValueError(f"invalid knob {knob}={getattr(self, knob)!r}: must be 0 or 1")
-        for knob in ("probe", "sinks", "local", "min_keys", "min_new", "seed", "recall_rows"):
+        for knob in ("probe", "sinks", "local", "min_keys", "min_new", "seed", "recall_rows", "dense_last", "dense_first"):
             check_int_knob(self, knob, 0)
         check_int_knob(self, "spike_stride", 0)
         check_int_knob(self, "spike_dilate", 0)
@@ -90,7 +95,19 @@ class LoopServePrefill(PrefillMethod):
         # Phase 2 starts decoding from these position-agnostic probe rows.
         ctx.layer_state[layer_idx]["probe_rows"] = pattern.probe_idx
         out = sparse_prefill_attention(q[0], k[0], v[0], pattern, scale=scaling)
-        ctx.record("prefill_density", pattern_density(pattern))
+        density = pattern_density(pattern)
+        if self.dense_last:
+            t = min(self.dense_last, n)
+            out[:, n - t:] = dense_attention(q[:, :, n - t:], k, v, scaling)[0]
+            # The tail's cells count as computed; the pattern's density there is an estimate.
+            cells, tail = n * (N - n) + n * (n + 1) // 2, t * (N - t) + t * (t + 1) // 2
+            density += (1.0 - density) * tail / cells
+        if self.dense_first:
+            h, off = min(self.dense_first, n), N - n
+            out[:, :h] = dense_attention(q[:, :, :h], k[:, :, : off + h], v[:, :, : off + h], scaling)[0]
+            cells, head = n * off + n * (n + 1) // 2, h * off + h * (h + 1) // 2
+            density += (1.0 - density) * head / cells
+        ctx.record("prefill_density", density)
         ctx.record("probe_mass", float(pattern.probe_mass.mean()))
         if self.recall_rows:
             g = torch.Generator().manual_seed(self.seed + 7919 * (layer_idx + 1))
