@@ -37,6 +37,7 @@ import torch
 from loopserve.bench.runner import load_selection
 from loopserve.engine import Engine
 from loopserve.engine.registry import parse_knobs
+from loopserve.engine.turn import common_prefix
 from loopserve.models import load_model
 from loopserve.threads import configure as configure_threads
 
@@ -55,15 +56,6 @@ def dense_answers(path: str, method: str = "dense") -> dict[tuple, str]:
             if r["method"] == method:
                 out[(r["conversation"], r["position"], r["turn"])] = r["prediction"]
     return out
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Player:
@@ -99,6 +91,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=1, help="conversations per dataset")
     ap.add_argument("--positions", default="front,middle,back")
     ap.add_argument("--configs", nargs="+", help="METHOD[:KNOB=VALUE,...], e.g. loopserve+dense:alpha=0.95")
+    ap.add_argument("--model", default="smollm2")
     ap.add_argument("--dtype", default="bf16-prefill")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-answer", type=int, default=64)
@@ -115,7 +108,7 @@ def main() -> None:
     data = Path(args.data)
     names = args.datasets.split(",") if args.datasets else sorted(p.stem for p in data.glob("*.jsonl"))
     convs = load_selection(data, names, args.limit)
-    engine = Engine(load_model("smollm2", dtype=args.dtype), method="dense")
+    engine = Engine(load_model(args.model, dtype=args.dtype), method="dense")
     tok = engine.tokenizer
     configs = {c: parse_config(c) for c in args.configs}
     for name, knobs in configs.values():

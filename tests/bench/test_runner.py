@@ -419,3 +419,31 @@ def test_bad_concurrency_is_refused_before_anything_runs(data_dir, tmp_path, cap
     results = tmp_path / "results.jsonl"
     assert main(run_args(data_dir, results, extra=("--concurrency", "0"))) == 2
     assert "--concurrency must be >= 1" in capsys.readouterr().err and not results.exists()
+
+
+def test_phase1_divergence_script_is_zero_for_an_exact_prefill(smoke, data_dir, tmp_path, monkeypatch, capsys):
+    """benchmarks/phase1_divergence.py replays dense's answers: alpha = 1 is dense attention, so
+    its distributions equal dense's; a sparse selection (alpha 0.3) prefills below density 1."""
+    import importlib.util
+    import sys
+
+    results, _ = smoke
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "phase1_divergence.py"
+    spec = importlib.util.spec_from_file_location("phase1_divergence", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    force = "loopserve+dense:min_keys=0,min_new=0,probe=8,local=4,spike_tau=0,dense_last=0"
+    out = tmp_path / "div.jsonl"
+    monkeypatch.setattr(sys, "argv", ["phase1_divergence", "--results", str(results), "--data", str(data_dir),
+                                      "--datasets", "passkey", "--positions", "back", "--model", "tiny-llama",
+                                      "--dtype", "float32", "--out", str(out),
+                                      "--configs", f"{force},alpha=1.0", f"{force},alpha=0.3"])
+    script.main()
+    recs = records(out)
+    exact = [r for r in recs if r["config"].endswith("alpha=1.0")]
+    sparse = [r for r in recs if r["config"].endswith("alpha=0.3")]
+    assert len(exact) == len(sparse) == turns_of(data_dir, "passkey")
+    for r in exact:
+        assert r["top1"] == 1.0 and r["first"] and abs(r["kl"]) < 1e-4
+    assert all(r["density"] < 1.0 for r in sparse)
+    assert "| prefill (dense decoding) |" in capsys.readouterr().out
