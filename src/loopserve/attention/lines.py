@@ -537,7 +537,7 @@ def spike_columns(
     outliers: float = 0.0,
     dilate: int = 0,
     history_only: bool = False,
-    row_chunk: int = 256,
+    row_chunk: int = 64,
     scale: float | None = None,
 ) -> list[torch.Tensor]:
     """Key columns (per KV head) to which one of the rows :func:`spike_rows` picks gives at
@@ -568,11 +568,12 @@ def spike_columns(
     log_tau = math.log(tau)
     grid = spike_rows(n, stride, offset)
     win = torch.arange(-min(local, N) + 1, 1)  # offsets of the local window
-    cols_all = torch.arange(end)
+    col_idx = torch.arange(end)
     out = []
     for h in range(Hkv):
         kh = k[h].float()
-        cols = torch.zeros(end, dtype=torch.bool)
+        khT = kh[:end].T.contiguous().expand(G, -1, -1)
+        best = torch.full((end,), float("-inf"))  # per column: max over tested rows of score - threshold
         rows = grid
         m = min(n, math.ceil(outliers * n)) if outliers > 0 else 0
         if m:
@@ -593,9 +594,14 @@ def spike_columns(
                 early = torch.arange(len(sink_keys))[None, :] > (pos[:, None] - len(win))
                 parts.append((qs @ sink_keys.T).masked_fill(early, float("-inf")))
             threshold = torch.logsumexp(torch.cat(parts, -1), -1, keepdim=True) + log_tau  # (G, r, 1)
-            hit = (qs @ kh[:end].T >= threshold).any(0)  # (r, end): one matmul and one comparison
-            far = (cols_all[None, :] >= sinks) & (cols_all[None, :] <= pos[:, None] - len(win))  # causal, not held
-            cols |= (hit & far).any(0)
+            # score - threshold in one batched matmul, reduced over the group's query heads
+            # (chunks of rows small enough that the scores stay in cache while reduced)
+            over = torch.baddbmm(-threshold, qs, khT).amax(0)  # (r, end)
+            # a row may reach columns before its local window only (causal, not already held)
+            over.masked_fill_(col_idx[None, :] > (pos - len(win))[:, None], float("-inf"))
+            best = torch.maximum(best, over.amax(0))
+        cols = best >= 0
+        cols[: min(sinks, end)] = False
         if dilate > 0 and bool(cols.any()):
             found = cols.nonzero().flatten()
             around = (found[:, None] + torch.arange(-dilate, dilate + 1)[None, :]).flatten()
