@@ -124,3 +124,18 @@ def test_loopserve_dense_first_and_last_rows_equal_dense_and_leave_the_rest_spar
     whole, ctx2, _ = _attend("loopserve", dict(base, dense_last=n), q, k, v)
     torch.testing.assert_close(whole, dense, rtol=1e-5, atol=1e-6)
     assert ctx2.stats["prefill_density"][0] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("N", [1, 7, 300])
+def test_decode_row_equals_the_fp64_reference(N):
+    """dense_attention's decode path (one query row, grouped per KV head on the CPU) is exact
+    softmax attention over all N keys, as SDPA computes it."""
+    import torch.nn.functional as F
+
+    q, k, v = _qkv(1, N, seed=5)
+    out = dense_attention(q, k, v, SCALE)
+    mask = torch.ones(H, 1, N, dtype=torch.bool)
+    ref = _masked_attention(q.double(), k.double(), v.double(), mask)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    sdpa = F.scaled_dot_product_attention(q, k, v, scale=SCALE, enable_gqa=True)
+    torch.testing.assert_close(out, sdpa, rtol=1e-5, atol=1e-6)
