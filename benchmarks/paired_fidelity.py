@@ -7,7 +7,8 @@ overall, by dependency and by question position.
         docs/results/4k/results-loopserve.jsonl:loopserve \
         docs/results/4k/results-loopserve-history.jsonl:loopserve-history
 
-Means are over turns (not per dataset first, as the report's are).
+Means are over turns (not per dataset first, as the report's are); each row also gives both
+configurations' own fidelity on those turns.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def main() -> None:
     by_conv = defaultdict(list)  # (dataset, conversation) -> per-turn differences
     for key, r in ref.items():
         if key in a and key in b:
-            d_fid = fidelity(a[key]["prediction"], r["prediction"]) - fidelity(b[key]["prediction"], r["prediction"])
-            by_conv[key[:2]].append({"fid": d_fid, "score": a[key]["score"] - b[key]["score"],
+            fa, fb = fidelity(a[key]["prediction"], r["prediction"]), fidelity(b[key]["prediction"], r["prediction"])
+            by_conv[key[:2]].append({"fid": fa - fb, "fid_a": fa, "fid_b": fb, "score": a[key]["score"] - b[key]["score"],
                                      "dependent": bool(r["depends_on"]), "position": key[2]})
     convs = sorted(by_conv)
     groups = {"all": lambda t: True, "dependent": lambda t: t["dependent"], "independent": lambda t: not t["dependent"]}
@@ -53,17 +54,19 @@ def main() -> None:
     rng = random.Random(0)
     samples = [[rng.choice(convs) for _ in convs] for _ in range(2000)]
     label = lambda spec: spec.rsplit(":", 1)[1]  # noqa: E731
-    print(f"| {label(args.a)} − {label(args.b)} | turns | Δ fidelity [95% CI] | Δ score [95% CI] |")
-    print("|---|---:|---:|---:|")
+    print(f"| {label(args.a)} − {label(args.b)} | turns | fidelity of each | Δ fidelity [95% CI] | Δ score [95% CI] |")
+    print("|---|---:|---:|---:|---:|")
     for name, keep in groups.items():
         def means(cs):
             ts = [t for c in cs for t in by_conv[c] if keep(t)]
             return (sum(t["fid"] for t in ts) / len(ts), sum(t["score"] for t in ts) / len(ts), len(ts)) if ts else None
         fid, score, n = means(convs)
+        kept = [t for c in convs for t in by_conv[c] if keep(t)]
+        each = f"{sum(t['fid_a'] for t in kept) / n:.3f} / {sum(t['fid_b'] for t in kept) / n:.3f}"
         boot = [m for m in map(means, samples) if m is not None]
         lo, hi = int(0.025 * len(boot)), int(0.975 * len(boot)) - 1
         f, s = sorted(m[0] for m in boot), sorted(m[1] for m in boot)
-        print(f"| {name} | {n} | {fid:+.3f} [{f[lo]:+.3f}, {f[hi]:+.3f}] | {score:+.3f} [{s[lo]:+.3f}, {s[hi]:+.3f}] |")
+        print(f"| {name} | {n} | {each} | {fid:+.3f} [{f[lo]:+.3f}, {f[hi]:+.3f}] | {score:+.3f} [{s[lo]:+.3f}, {s[hi]:+.3f}] |")
 
 
 if __name__ == "__main__":
