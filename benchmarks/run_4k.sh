@@ -14,14 +14,19 @@ $L bench run --methods loopserve $B --out $R/results-loopserve.jsonl
 $L bench run --methods loopserve-bounded=loopserve --knob loopserve-bounded:mode=bounded \
     --knob loopserve-bounded:memory_budget=2048 $B --out $R/results-loopserve-bounded.jsonl
 $L bench run --methods snapkv,adakv --knob budget=1024 $B --out $R/results-kv-baselines.jsonl
+# multi-turn retrieval of a first turn's fact, on all 6 conversations built
+$L bench run --datasets turn_recall --methods dense,loopserve ${B/--limit 3/--limit 6} --out $R/results-turn-recall.jsonl
+# how far dense's answers move under other numerics alone (fp32 prefill instead of bf16): the
+# fidelity a change of arithmetic scores, on the first conversation of each dataset
+F=${B/--dtype bf16-prefill/--dtype float32}
+$L bench run --methods dense-fp32=dense ${F/--limit 3/--limit 1} --out $R/results-dense-fp32.jsonl
 $L bench run --methods streamingllm --knob budget=1024 --knob streamingllm:window=1020 $B --out $R/results-kv-baselines.jsonl
 $L bench run --methods minference+dense $B --out $R/results-prefill.jsonl
 # the phase ablation: Phase 1 alone, Phase 2 alone
 $L bench run --methods loopserve+dense $B --out $R/results-prefill.jsonl
 $L bench run --methods dense+loopserve $B --out $R/results-decode-alone.jsonl
-# multi-turn retrieval of a first turn's fact, on all 6 conversations built
-$L bench run --datasets turn_recall --methods dense,loopserve,snapkv,adakv --knob snapkv:budget=1024 \
-    --knob adakv:budget=1024 ${B/--limit 3/--limit 6} --out $R/results-turn-recall.jsonl
+$L bench run --datasets turn_recall --methods snapkv,adakv --knob budget=1024 ${B/--limit 3/--limit 6} \
+    --out $R/results-turn-recall.jsonl
 # alpha, B and n_d one at a time on the retrieval-heavy datasets
 $L bench run --datasets passkey,squad_multi,nq,turn_recall \
     --methods a08=loopserve,a095=loopserve,b256=loopserve,b512=loopserve,b2048=loopserve,nd4=loopserve,nd64=loopserve \
