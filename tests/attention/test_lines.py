@@ -393,6 +393,59 @@ def test_spike_columns_match_brute_force(G, n, N, stride, offset):
     assert 5 in want[0]  # the planted far-back spike is among them
 
 
+def _spike_reference_capped(q, k, tau, sinks, local, scale, rows, cap):
+    """Brute force of ``row_cap``: per KV head and tested row, its spike columns (any query
+    head of the group over the threshold); a row with more than ``cap`` of them gives only
+    its ``cap`` strongest (by the group's best score over the threshold)."""
+    H, n, D = q.shape
+    Hkv, N, _ = k.shape
+    G = H // Hkv
+    few, top = [], []
+    for h in range(Hkv):
+        keep, best = set(), set()
+        for r in rows:
+            p = N - n + r
+            over = {}
+            for g in range(G):
+                S = (q[h * G + g].double() * scale) @ k[h].double().T
+                window = list(range(max(0, p - local + 1), p + 1))
+                sink = [j for j in range(min(sinks, N)) if j < p - local + 1]
+                lse = torch.logsumexp(S[r, window + sink], 0)
+                for j in range(sinks, p - local + 1):
+                    over[j] = max(over.get(j, -math.inf), float(S[r, j] - lse - math.log(tau)))
+            hits = [j for j, x in over.items() if x >= 0]
+            if len(hits) > cap:
+                best |= set(sorted(hits, key=lambda j: -over[j])[:cap])
+            else:
+                keep |= set(hits)
+        few.append(keep)
+        top.append(best)
+    return few, top
+
+
+def test_spike_row_cap_keeps_a_diffuse_rows_strongest_columns_unwidened():
+    from loopserve.attention.lines import spike_columns, spike_rows
+
+    torch.manual_seed(7)
+    Hkv, G, n, N, D = 2, 2, 40, 120, 16
+    q, k = torch.randn(Hkv * G, n, D) * 0.7, torch.randn(Hkv, N, D) * 0.7
+    k[0, 10] = q[0, 39] * 3.0  # the last row reaches one far key: few spikes, widened
+    q[2, 20] = k[1, 30:70].sum(0) * 0.6  # row 20 of head group 1 spreads over many keys: diffuse
+    rows = spike_rows(n, 4, 1)
+    scale = D**-0.5
+    few, top = _spike_reference_capped(q, k, 0.2, 2, 8, scale, rows.tolist(), cap=6)
+    assert any(top) and any(few) and 10 in few[0] | top[0]  # both kinds of row occur
+    got = spike_columns(q, k, tau=0.2, sinks=2, local=8, stride=4, offset=1, row_cap=6, row_chunk=5)
+    assert [set(c.tolist()) for c in got] == [a | b for a, b in zip(few, top)]
+    widened = spike_columns(q, k, tau=0.2, sinks=2, local=8, stride=4, offset=1, row_cap=6, dilate=1)
+    for h in range(Hkv):
+        grown = {j + d for j in few[h] for d in (-1, 0, 1) if 2 <= j + d < N}
+        assert set(widened[h].tolist()) == grown | top[h]
+    # without a cap, every row's columns count (and the diffuse row's are all there)
+    plain = spike_columns(q, k, tau=0.2, sinks=2, local=8, stride=4, offset=1)
+    assert [set(c.tolist()) for c in plain] == _spike_reference(q, k, 0.2, 2, 8, scale, rows.tolist())
+
+
 def test_spike_history_only_tests_earlier_turns_keys_alone():
     """``history_only`` finds exactly the all-keys spike columns that lie before the new
     rows (dilation included, clipped there), and nothing when there is no history."""

@@ -171,6 +171,7 @@ def test_unknown_method_name_is_a_clear_error():
         ("loopserve", {"spike_dilate": -1}, "spike_dilate"),
         ("loopserve", {"dense_last": -1}, "dense_last"),
         ("loopserve+dense", {"dense_first": 1.5}, "dense_first"),
+        ("loopserve", {"spike_row_cap": -8}, "spike_row_cap"),
     ],
 )
 def test_invalid_knob_is_a_clear_error(method, knobs, bad):

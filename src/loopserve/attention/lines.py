@@ -537,6 +537,7 @@ def spike_columns(
     outliers: float = 0.0,
     dilate: int = 0,
     history_only: bool = False,
+    row_cap: int = 0,
     row_chunk: int = 64,
     scale: float | None = None,
 ) -> list[torch.Tensor]:
@@ -558,6 +559,8 @@ def spike_columns(
     column found (a fact spans several tokens; a row that reaches one of them needs its
     neighbours to read it). ``history_only``: test only the keys before the new rows
     (earlier turns), at a cost proportional to the history; a first turn costs nothing.
+    ``row_cap`` > 0: a row with more than ``row_cap`` spike columns is a diffuse row, not one
+    reaching for a fact: it adds only its ``row_cap`` strongest columns, not widened.
     """
     H, Hkv, n, N, D = _check_shapes(q, k)
     G = H // Hkv
@@ -574,6 +577,7 @@ def spike_columns(
         kh = k[h].float()
         khT = kh[:end].T.contiguous().expand(G, -1, -1)
         best = torch.full((end,), float("-inf"))  # per column: max over tested rows of score - threshold
+        capped = torch.zeros(end, dtype=torch.bool)  # the strongest columns of diffuse rows
         rows = grid
         m = min(n, math.ceil(outliers * n)) if outliers > 0 else 0
         if m:
@@ -598,15 +602,20 @@ def spike_columns(
             # (chunks of rows small enough that the scores stay in cache while reduced)
             over = torch.baddbmm(-threshold, qs, khT).amax(0)  # (r, end)
             # a row may reach columns before its local window only (causal, not already held)
-            over.masked_fill_(col_idx[None, :] > (pos - len(win))[:, None], float("-inf"))
-            best = torch.maximum(best, over.amax(0))
+            over.masked_fill_((col_idx[None, :] > (pos - len(win))[:, None]) | (col_idx < sinks)[None, :], float("-inf"))
+            if row_cap > 0:
+                diffuse = (over >= 0).sum(1) > row_cap
+                if bool(diffuse.any()):
+                    capped[over[diffuse].topk(min(row_cap, end), dim=1).indices.flatten()] = True
+                    over = over[~diffuse]
+            if len(over):
+                best = torch.maximum(best, over.amax(0))
         cols = best >= 0
-        cols[: min(sinks, end)] = False
         if dilate > 0 and bool(cols.any()):
             found = cols.nonzero().flatten()
             around = (found[:, None] + torch.arange(-dilate, dilate + 1)[None, :]).flatten()
             cols[around[(around >= sinks) & (around < end)]] = True
-        out.append(cols.nonzero().flatten())
+        out.append((cols | capped).nonzero().flatten())
     return out
 
 
@@ -630,6 +639,7 @@ def select_lines(
     spike_outliers: float = 0.0,
     spike_dilate: int = 0,
     spike_history_only: bool = False,
+    spike_row_cap: int = 0,
 ) -> LinePattern:
     """LoopServe Phase 1 selection: probe rows -> probe attention -> greedy coverage.
 
@@ -665,7 +675,7 @@ def select_lines(
         if per_query_head:
             raise ValueError("spike_tau needs per-KV-head patterns")
         spikes = spike_columns(q, k, tau=spike_tau, sinks=sinks, local=local, stride=spike_stride, offset=seed,
-                                outliers=spike_outliers, dilate=spike_dilate, history_only=spike_history_only,
+                                outliers=spike_outliers, dilate=spike_dilate, history_only=spike_history_only, row_cap=spike_row_cap,
                                 scale=scale)
         for h, extra in enumerate(spikes):
             cover.vertical[h, extra] = True

@@ -56,6 +56,9 @@ class LoopServePrefill(PrefillMethod):
     spike_outliers: float = 0.05  # fraction of rows tested: the queries farthest from their group's mean
     spike_dilate: int = 3  # also keep this many columns on each side of a spike column
     spike_history_only: int = 0  # 1: test only earlier turns' keys (a first turn pays nothing)
+    # A tested row with more spike columns than this is diffuse (not reaching for a fact): it
+    # adds only that many of its strongest columns, not widened (0: no cap).
+    spike_row_cap: int = 0
     # The rows nearest the answer decide its first tokens (TriShape's observation, SCBench):
     # the last `dense_last` new rows attend densely, at dense_last / n of dense attention's
     # cost; `dense_first` does the same for the first rows.
@@ -74,7 +77,7 @@ class LoopServePrefill(PrefillMethod):
         for knob in ("stratified", "spike_history_only"):
             if getattr(self, knob) not in (0, 1):
                 raise ValueError(f"invalid knob {knob}={getattr(self, knob)!r}: must be 0 or 1")
-        for knob in ("probe", "sinks", "local", "min_keys", "min_new", "seed", "recall_rows", "dense_last", "dense_first"):
+        for knob in ("probe", "sinks", "local", "min_keys", "min_new", "seed", "recall_rows", "dense_last", "dense_first", "spike_row_cap"):
             check_int_knob(self, knob, 0)
         check_int_knob(self, "spike_stride", 0)
         check_int_knob(self, "spike_dilate", 0)
@@ -90,7 +93,7 @@ class LoopServePrefill(PrefillMethod):
             seed=self.seed + layer_idx, scale=scaling, row_floor=float(self.row_floor),
             stratified=bool(self.stratified), spike_tau=float(self.spike_tau), spike_stride=self.spike_stride,
             spike_outliers=float(self.spike_outliers), spike_dilate=self.spike_dilate,
-            spike_history_only=bool(self.spike_history_only),
+            spike_history_only=bool(self.spike_history_only), spike_row_cap=self.spike_row_cap,
         )
         # Phase 2 starts decoding from these position-agnostic probe rows.
         ctx.layer_state[layer_idx]["probe_rows"] = pattern.probe_idx
