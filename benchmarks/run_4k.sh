@@ -16,6 +16,8 @@ $L bench run --methods loopserve-bounded=loopserve --knob loopserve-bounded:mode
 $L bench run --methods snapkv,adakv --knob budget=1024 $B --out $R/results-kv-baselines.jsonl
 # multi-turn retrieval of a first turn's fact, on all 6 conversations built
 $L bench run --datasets turn_recall --methods dense,loopserve ${B/--limit 3/--limit 6} --out $R/results-turn-recall.jsonl
+$L bench run --datasets turn_recall --methods loopserve+dense,dense+loopserve ${B/--limit 3/--limit 6} \
+    --out $R/results-turn-recall.jsonl
 # how far dense's answers move under other numerics alone (fp32 prefill instead of bf16): the
 # fidelity a change of arithmetic scores, on the first conversation of each dataset
 F=${B/--dtype bf16-prefill/--dtype float32}

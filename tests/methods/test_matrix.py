@@ -172,6 +172,7 @@ def test_unknown_method_name_is_a_clear_error():
         ("loopserve", {"dense_last": -1}, "dense_last"),
         ("loopserve+dense", {"dense_first": 1.5}, "dense_first"),
         ("loopserve", {"spike_row_cap": -8}, "spike_row_cap"),
+        ("loopserve", {"dense_outliers": 2}, "dense_outliers"),
     ],
 )
 def test_invalid_knob_is_a_clear_error(method, knobs, bad):

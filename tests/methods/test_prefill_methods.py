@@ -139,3 +139,24 @@ def test_decode_row_equals_the_fp64_reference(N):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
     sdpa = F.scaled_dot_product_attention(q, k, v, scale=SCALE, enable_gqa=True)
     torch.testing.assert_close(out, sdpa, rtol=1e-5, atol=1e-6)
+
+
+def test_loopserve_dense_outliers_rows_equal_dense_and_the_rest_stay_sparse():
+    from loopserve.attention.lines import outlier_rows
+
+    n, N, frac = 160, 260, 0.1
+    base = dict(min_keys=0, min_new=0, probe=16, alpha=0.3, local=8, spike_tau=0, dense_last=0, spike_outliers=frac)
+    q, k, v = _qkv(n, N, seed=6)
+    sparse, ctx0, _ = _attend("loopserve", base, q, k, v)
+    out, ctx, _ = _attend("loopserve", dict(base, dense_outliers=1), q, k, v)
+    dense = dense_attention(q, k, v, SCALE)
+    G = H // H_KV
+    for h in range(H_KV):
+        heads = slice(h * G, (h + 1) * G)
+        rows = outlier_rows(q[0, heads], frac)
+        assert len(rows) == 16
+        torch.testing.assert_close(out[0, heads, rows], dense[0, heads, rows], rtol=1e-5, atol=1e-6)
+        others = torch.ones(n, dtype=torch.bool)
+        others[rows] = False
+        torch.testing.assert_close(out[0, heads, others], sparse[0, heads, others])
+    assert ctx0.stats["prefill_density"][0] < ctx.stats["prefill_density"][0] < 1

@@ -525,6 +525,18 @@ def spike_rows(n: int, stride: int, offset: int = 0) -> torch.Tensor:
     return torch.cat([rows, torch.tensor([n - 1])]).unique() if n else rows
 
 
+def outlier_rows(qg: torch.Tensor, fraction: float) -> torch.Tensor:
+    """The ``fraction`` of the n rows of one head group's queries ``(G, n, D)`` that lie
+    farthest from the group's mean query (summed over its heads): rows unlike the text
+    around them, such as a question's."""
+    n = qg.shape[1]
+    m = min(n, math.ceil(fraction * n))
+    if m == 0:
+        return torch.zeros(0, dtype=torch.long)
+    qg = qg.float()
+    return (qg - qg.mean(1, keepdim=True)).norm(dim=-1).sum(0).topk(m).indices
+
+
 def spike_columns(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -579,11 +591,8 @@ def spike_columns(
         best = torch.full((end,), float("-inf"))  # per column: max over tested rows of score - threshold
         capped = torch.zeros(end, dtype=torch.bool)  # the strongest columns of diffuse rows
         rows = grid
-        m = min(n, math.ceil(outliers * n)) if outliers > 0 else 0
-        if m:
-            qg = q[h * G : (h + 1) * G].float()
-            far_from_mean = (qg - qg.mean(1, keepdim=True)).norm(dim=-1).sum(0)  # (n,)
-            rows = torch.cat([grid, far_from_mean.topk(m).indices]).unique()
+        if outliers > 0:
+            rows = torch.cat([grid, outlier_rows(q[h * G : (h + 1) * G], outliers)]).unique()
         for a in range(0, len(rows), row_chunk):
             r = rows[a : a + row_chunk]
             pos = N - n + r  # absolute positions of these rows

@@ -18,8 +18,21 @@ import torch
 from ..knobs import check_int_knob
 from .base import PrefillMethod, register_prefill
 from .dense import dense_attention
-from .lines import attention_recall, pattern_density, select_lines
+from .lines import attention_recall, outlier_rows, pattern_density, select_lines
 from .sparse import sparse_prefill_attention
+
+
+def exact_rows_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, scale: float,
+                         chunk: int = 64) -> torch.Tensor:
+    """Causal softmax attention of some rows: q ``(G, r, D)`` of one KV head's query heads,
+    the rows at absolute positions ``pos`` ``(r,)``, over k/v ``(N, D)``. Returns ``(G, r, D)``."""
+    out = torch.empty_like(q)
+    cols = torch.arange(k.shape[0])
+    for a in range(0, q.shape[1], chunk):
+        scores = (q[:, a : a + chunk] @ k.T) * scale
+        scores.masked_fill_(cols[None, None, :] > pos[a : a + chunk, None][None], float("-inf"))
+        out[:, a : a + chunk] = torch.softmax(scores, -1) @ v
+    return out
 
 
 @register_prefill
@@ -59,6 +72,9 @@ class LoopServePrefill(PrefillMethod):
     # A tested row with more spike columns than this is diffuse (not reaching for a fact): it
     # adds only that many of its strongest columns, not widened (0: no cap).
     spike_row_cap: int = 0
+    # 1: the rows the spike pass tests (`spike_outliers`, the queries least like the rest,
+    # such as a question's) also attend densely, wherever they sit in the input.
+    dense_outliers: int = 0
     # The rows nearest the answer decide its first tokens (TriShape's observation, SCBench):
     # the last `dense_last` new rows attend densely, at dense_last / n of dense attention's
     # cost; `dense_first` does the same for the first rows.
@@ -74,7 +90,7 @@ class LoopServePrefill(PrefillMethod):
             raise ValueError(f"invalid knob spike_outliers={self.spike_outliers!r}: must be in [0, 1]")
         if not isinstance(self.spike_tau, (int, float)) or not (0.0 <= float(self.spike_tau) < 1.0):
             raise ValueError(f"invalid knob spike_tau={self.spike_tau!r}: must be in [0, 1)")
-        for knob in ("stratified", "spike_history_only"):
+        for knob in ("stratified", "spike_history_only", "dense_outliers"):
             if getattr(self, knob) not in (0, 1):
                 raise ValueError(f"invalid knob {knob}={getattr(self, knob)!r}: must be 0 or 1")
         for knob in ("probe", "sinks", "local", "min_keys", "min_new", "seed", "recall_rows", "dense_last", "dense_first", "spike_row_cap"):
@@ -105,6 +121,16 @@ class LoopServePrefill(PrefillMethod):
             # The tail's cells count as computed; the pattern's density there is an estimate.
             cells, tail = n * (N - n) + n * (n + 1) // 2, t * (N - t) + t * (t + 1) // 2
             density += (1.0 - density) * tail / cells
+        if self.dense_outliers and self.spike_outliers > 0:
+            g, off, rows_done = q.shape[1] // k.shape[1], N - n, 0
+            for h in range(k.shape[1]):
+                heads = slice(h * g, (h + 1) * g)
+                rows = outlier_rows(q[0, heads], float(self.spike_outliers))
+                out[heads, rows] = exact_rows_attention(q[0, heads, rows], k[0, h], v[0, h], off + rows, scaling)
+                rows_done += len(rows)
+            # Those rows' cells count as computed (an estimate: each sees about N keys).
+            cells = n * off + n * (n + 1) // 2
+            density += (1.0 - density) * min(1.0, rows_done / k.shape[1] * N / cells)
         if self.dense_first:
             h, off = min(self.dense_first, n), N - n
             out[:, :h] = dense_attention(q[:, :, :h], k[:, :, : off + h], v[:, :, : off + h], scaling)[0]
