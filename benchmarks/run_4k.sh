@@ -22,7 +22,8 @@ $L bench run --datasets turn_recall --methods loopserve+dense,dense+loopserve ${
 # fidelity a change of arithmetic scores, on the first conversation of each dataset
 F=${B/--dtype bf16-prefill/--dtype float32}
 $L bench run --methods dense-fp32=dense ${F/--limit 3/--limit 1} --out $R/results-dense-fp32.jsonl
-$L bench run --methods streamingllm --knob budget=1024 --knob streamingllm:window=1020 $B --out $R/results-kv-baselines.jsonl
+# StreamingLLM keeps sinks (4) + a window (1020) = the same 1,024 tokens
+$L bench run --methods streamingllm $B --out $R/results-kv-baselines.jsonl
 $L bench run --methods minference+dense $B --out $R/results-prefill.jsonl
 # the phase ablation: Phase 1 alone, Phase 2 alone
 $L bench run --methods loopserve+dense $B --out $R/results-prefill.jsonl
