@@ -3,7 +3,8 @@
 For each layer and each turn, `select_lines` samples probe rows spread over the whole new
 input, computes their exact attention over every key (history + new), and greedily picks
 the vertical/slash lines that cover `alpha` of that mass; `sparse_prefill_attention` then
-computes exact softmax attention of all new rows over just those cells. Lines are chosen
+computes exact softmax attention of all new rows over just those cells, except the last
+`dense_last` rows, which attend densely (the answer is generated from them). Lines are chosen
 per KV head (see attention/lines.py for why). Below `min_keys` keys or `min_new` new rows
 the selection costs more than it saves, so attention stays dense.
 """
