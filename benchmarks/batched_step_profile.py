@@ -17,6 +17,7 @@ import argparse
 import json
 import time
 
+import torch
 from torch.profiler import ProfilerActivity, profile
 
 from loopserve.bench.decode import long_prompt
@@ -63,7 +64,7 @@ def main() -> None:
     base.prefill(ids[:-32])
     rows = [step_times(engine, base, ids, args.method, n) for n in (args.sessions, 1)]
     result = {"benchmark": "batched-step-profile", "method": args.method, "context_tokens": len(ids),
-              "threads": engine_threads(), "batched": rows[0], "alone": rows[1],
+              "threads": torch.get_num_threads(), "batched": rows[0], "alone": rows[1],
               "step_ratio": round(rows[0]["step_ms"] / rows[1]["step_ms"], 2)}
     if args.json:
         print(json.dumps(result, indent=2))
@@ -71,12 +72,6 @@ def main() -> None:
     print("| sessions | step ms | profiled step | SDPA | mm (weights) | other |\n|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['sessions']} | {r['step_ms']} | {r['profiled_step_ms']} | {r['sdpa_ms']} | {r['mm_ms']} | {r['other_ops_ms']} |")
-
-
-def engine_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 if __name__ == "__main__":

@@ -57,12 +57,11 @@ def main() -> None:
     print(f"| {label(args.a)} − {label(args.b)} | turns | fidelity of each | Δ fidelity [95% CI] | Δ score [95% CI] |")
     print("|---|---:|---:|---:|---:|")
     for name, keep in groups.items():
-        def means(cs):
+        def means(cs, fields=("fid", "score")):
             ts = [t for c in cs for t in by_conv[c] if keep(t)]
-            return (sum(t["fid"] for t in ts) / len(ts), sum(t["score"] for t in ts) / len(ts), len(ts)) if ts else None
-        fid, score, n = means(convs)
-        kept = [t for c in convs for t in by_conv[c] if keep(t)]
-        each = f"{sum(t['fid_a'] for t in kept) / n:.3f} / {sum(t['fid_b'] for t in kept) / n:.3f}"
+            return (*(sum(t[f] for t in ts) / len(ts) for f in fields), len(ts)) if ts else None
+        fid, score, fid_a, fid_b, n = means(convs, ("fid", "score", "fid_a", "fid_b"))
+        each = f"{fid_a:.3f} / {fid_b:.3f}"
         boot = [m for m in map(means, samples) if m is not None]
         lo, hi = int(0.025 * len(boot)), int(0.975 * len(boot)) - 1
         f, s = sorted(m[0] for m in boot), sorted(m[1] for m in boot)

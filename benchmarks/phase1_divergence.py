@@ -36,16 +36,10 @@ import torch
 
 from loopserve.bench.runner import load_selection
 from loopserve.engine import Engine
-from loopserve.engine.registry import parse_knobs
+from loopserve.engine.registry import parse_method_spec
 from loopserve.engine.turn import common_prefix
 from loopserve.models import load_model
 from loopserve.threads import configure as configure_threads
-
-
-def parse_config(text: str) -> tuple[str, dict]:
-    """``METHOD[:KNOB=VALUE,...]``."""
-    name, _, knobs = text.partition(":")
-    return name, parse_knobs([k for k in knobs.split(",") if k])
 
 
 def dense_answers(path: str, method: str = "dense") -> dict[tuple, str]:
@@ -110,7 +104,7 @@ def main() -> None:
     convs = load_selection(data, names, args.limit)
     engine = Engine(load_model(args.model, dtype=args.dtype), method="dense")
     tok = engine.tokenizer
-    configs = {c: parse_config(c) for c in args.configs}
+    configs = {c: parse_method_spec(c) for c in args.configs}
     for name, knobs in configs.values():
         engine.new_session(method=name, knobs=knobs)  # a bad name or knob fails before any work
     out = Path(args.out)
@@ -119,7 +113,8 @@ def main() -> None:
     for dataset, cs in convs.items():
         for conv in cs:
             for pos in args.positions.split(","):
-                players = {"dense": Player(engine, "dense", {})} | {c: Player(engine, *nk) for c, nk in configs.items()}
+                reference = Player(engine, "dense", {})
+                players = {c: Player(engine, *nk) for c, nk in configs.items()}
                 messages: list[dict] = []
                 for turn in conv["turns"]:
                     key = (conv["id"], pos, turn["index"])
@@ -128,11 +123,9 @@ def main() -> None:
                     messages = messages + [{"role": "user", "content": turn["user"][pos]}]
                     answer = list(tok(answers[key], add_special_tokens=False)["input_ids"])[: args.max_answer]
                     answer = answer or [next(iter(engine.eos_ids))]
-                    ref, _ = players["dense"].turn(messages, answer)
+                    ref, _ = reference.turn(messages, answer)
                     ref_top = ref.argmax(-1)
                     for c, player in players.items():
-                        if c == "dense":
-                            continue
                         lp, stats = player.turn(messages, answer)
                         kl = (ref.exp() * (ref - lp)).sum(-1)
                         dens = stats.get("prefill_density") or [1.0]

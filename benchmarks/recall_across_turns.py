@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from loopserve.engine import Engine, SamplingParams
-from loopserve.engine.registry import parse_knobs
+from loopserve.engine.registry import parse_method_spec
 from loopserve.models import load_model
 from loopserve.textdata import essays_text
 from loopserve.threads import configure as configure_threads
@@ -72,15 +72,9 @@ def make_cases(tokenizer, count: int, seed: int = 1) -> list[dict]:
     return cases
 
 
-def parse_config(text: str) -> tuple[str, dict]:
-    """``METHOD[:KNOB=VALUE,...]``."""
-    name, _, knobs = text.partition(":")
-    return name, parse_knobs([k for k in knobs.split(",") if k])
-
-
 def run(engine: Engine, cases: list[dict], configs: list[str], positions, out: Path) -> list[dict]:
     tok = engine.tokenizer
-    parsed = {c: parse_config(c) for c in configs}
+    parsed = {c: parse_method_spec(c) for c in configs}
     for name, knobs in parsed.values():  # a bad name or knob fails before any work
         engine.new_session(method=name, knobs=knobs)
     records = []

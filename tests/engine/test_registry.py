@@ -27,3 +27,12 @@ def test_bad_pairing_is_rejected():
         resolve_method("nope+dense")
     with pytest.raises(ValueError, match="unknown decode method"):
         resolve_method("dense+nope")
+
+
+def test_parse_method_spec_splits_the_method_and_its_knobs():
+    from loopserve.engine.registry import parse_method_spec
+
+    assert parse_method_spec("loopserve+dense:alpha=0.95,mode=bounded") == ("loopserve+dense", {"alpha": 0.95, "mode": "bounded"})
+    assert parse_method_spec("dense") == ("dense", {})
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        parse_method_spec("loopserve:alpha")

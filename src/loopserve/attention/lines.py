@@ -750,6 +750,12 @@ def a_shape_pattern(n_heads: int, n: int, N: int, *, sinks: int = 4, local: int 
 # --------------------------------------------------------------------------------------
 
 
+def causal_cells(rows: int, before: int) -> int:
+    """Cells of `rows` consecutive query rows under the causal mask when `before` keys
+    precede the first of them: row i sees before + i + 1 keys."""
+    return rows * before + rows * (rows + 1) // 2
+
+
 def pattern_density(pattern: LinePattern, n: int | None = None, N: int | None = None) -> float:
     """Fraction of the causal cells (n new rows over N keys) the pattern covers.
 
@@ -759,7 +765,7 @@ def pattern_density(pattern: LinePattern, n: int | None = None, N: int | None = 
     n = pattern.n if n is None else n
     N = pattern.N if N is None else N
     off = N - n
-    causal_cells = n * off + n * (n + 1) // 2
+    cells = causal_cells(n, off)
     fractions = []
     for v, s in zip(pattern.vertical, pattern.slash):
         v = v[v < N]
@@ -771,7 +777,7 @@ def pattern_density(pattern: LinePattern, n: int | None = None, N: int | None = 
         lo = torch.searchsorted(s, (off - v).clamp_min(0))
         hi = torch.searchsorted(s, N - 1 - v, right=True)
         both = (hi - lo).clamp_min(0).sum()
-        fractions.append(float(v_cells + s_cells - both) / causal_cells)
+        fractions.append(float(v_cells + s_cells - both) / cells)
     return sum(fractions) / max(len(fractions), 1)
 
 

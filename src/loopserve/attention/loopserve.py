@@ -19,7 +19,7 @@ import torch
 from ..knobs import check_int_knob
 from .base import PrefillMethod, register_prefill
 from .dense import dense_attention
-from .lines import attention_recall, outlier_rows, pattern_density, select_lines
+from .lines import attention_recall, causal_cells, outlier_rows, pattern_density, select_lines
 from .sparse import sparse_prefill_attention
 
 
@@ -115,28 +115,27 @@ class LoopServePrefill(PrefillMethod):
         # Phase 2 starts decoding from these position-agnostic probe rows.
         ctx.layer_state[layer_idx]["probe_rows"] = pattern.probe_idx
         out = sparse_prefill_attention(q[0], k[0], v[0], pattern, scale=scaling)
-        density = pattern_density(pattern)
+        density, off = pattern_density(pattern), N - n
+        cells = causal_cells(n, off)
+        # Rows attended densely: their cells count as computed (the pattern's density on
+        # them is taken as the average, an estimate).
         if self.dense_last:
             t = min(self.dense_last, n)
             out[:, n - t:] = dense_attention(q[:, :, n - t:], k, v, scaling)[0]
-            # The tail's cells count as computed; the pattern's density there is an estimate.
-            cells, tail = n * (N - n) + n * (n + 1) // 2, t * (N - t) + t * (t + 1) // 2
-            density += (1.0 - density) * tail / cells
+            density += (1.0 - density) * causal_cells(t, N - t) / cells
         if self.dense_outliers and self.spike_outliers > 0:
-            g, off, rows_done = q.shape[1] // k.shape[1], N - n, 0
+            g, rows_done = q.shape[1] // k.shape[1], 0
             for h in range(k.shape[1]):
                 heads = slice(h * g, (h + 1) * g)
                 rows = outlier_rows(q[0, heads], float(self.spike_outliers))
                 out[heads, rows] = exact_rows_attention(q[0, heads, rows], k[0, h], v[0, h], off + rows, scaling)
                 rows_done += len(rows)
-            # Those rows' cells count as computed (an estimate: each sees about N keys).
-            cells = n * off + n * (n + 1) // 2
+            # (each outlier row taken as seeing about N keys)
             density += (1.0 - density) * min(1.0, rows_done / k.shape[1] * N / cells)
         if self.dense_first:
-            h, off = min(self.dense_first, n), N - n
-            out[:, :h] = dense_attention(q[:, :, :h], k[:, :, : off + h], v[:, :, : off + h], scaling)[0]
-            cells, head = n * off + n * (n + 1) // 2, h * off + h * (h + 1) // 2
-            density += (1.0 - density) * head / cells
+            f = min(self.dense_first, n)
+            out[:, :f] = dense_attention(q[:, :, :f], k[:, :, : off + f], v[:, :, : off + f], scaling)[0]
+            density += (1.0 - density) * causal_cells(f, off) / cells
         ctx.record("prefill_density", density)
         ctx.record("probe_mass", float(pattern.probe_mass.mean()))
         if self.recall_rows:

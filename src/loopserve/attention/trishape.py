@@ -23,6 +23,7 @@ from ..knobs import check_int_knob as _check_int
 from .ashape import a_shape_attention
 from .base import PrefillMethod, register_prefill
 from .dense import dense_attention
+from .lines import causal_cells
 
 
 @register_prefill
@@ -57,8 +58,7 @@ class TriShapePrefill(PrefillMethod):
             tail = dense_attention(q[:, :, n - last :], k, v, scaling)
             out = torch.cat([head, tail], dim=2)
             off = N - n
-            cells_head = (n - last) * off + (n - last) * (n - last + 1) // 2
-            cells_all = n * off + n * (n + 1) // 2
+            cells_head, cells_all = causal_cells(n - last, off), causal_cells(n, off)
             density = (d_head * cells_head + (cells_all - cells_head)) / cells_all
         if ctx is not None:
             ctx.record("prefill_density", density)

@@ -97,6 +97,12 @@ def parse_knobs(pairs: list[str] | None) -> dict:
     return out
 
 
+def parse_method_spec(text: str) -> tuple[str, dict]:
+    """`"METHOD[:KNOB=VALUE,...]"` -> `(METHOD, knobs)`, e.g. `"loopserve+dense:alpha=0.95"`."""
+    name, _, knobs = text.partition(":")
+    return name, parse_knobs([k for k in knobs.split(",") if k])
+
+
 def _split(name: str) -> tuple[str, str]:
     if "+" in name:
         p, _, d = name.partition("+")
