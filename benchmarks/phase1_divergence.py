@@ -59,14 +59,19 @@ class Player:
         self.engine = engine
         self.session = engine.new_session(method=method, knobs=knobs)
 
-    def turn(self, messages: list[dict], answer: list[int]) -> tuple[torch.Tensor, dict]:
+    def turn(self, messages: list[dict], answer: list[int], again: bool = False) -> tuple[torch.Tensor, dict]:
         """Log-probabilities ``(len(answer), vocab)`` of each answer token's position, and the
-        prefill diagnostics of the user turn."""
+        prefill diagnostics of the user turn. ``again``: the same user turn with another answer
+        (the user message is prefilled again, as on the first call)."""
         s = self.session
         prompt = self.engine.encode_messages(messages)
-        keep = common_prefix(s.token_ids, prompt)
-        if keep == len(prompt):
-            keep -= 1  # at least one token to prefill
+        if again:
+            keep = self.turn_start
+        else:
+            keep = common_prefix(s.token_ids, prompt)
+            if keep == len(prompt):
+                keep -= 1  # at least one token to prefill
+            self.turn_start = keep
         if keep < len(s.token_ids):
             s.rewind((keep, s.messages, len(s.turns)))
         first = s.prefill(prompt[keep:])
@@ -89,6 +94,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16-prefill")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-answer", type=int, default=64)
+    ap.add_argument("--gold", action="store_true",
+                    help="on turns that depend on earlier ones, also score the reference answer (gold_lp: its "
+                         "mean log-probability, teacher-forced; gold_top1: its tokens that are the argmax)")
     ap.add_argument("--out", default="runs/phase1-divergence.jsonl")
     args = ap.parse_args()
     if args.table:
@@ -125,6 +133,10 @@ def main() -> None:
                     answer = answer or [next(iter(engine.eos_ids))]
                     ref, _ = reference.turn(messages, answer)
                     ref_top = ref.argmax(-1)
+                    gold = None
+                    if args.gold and turn.get("depends_on"):
+                        gold = list(tok(turn["answers"][0], add_special_tokens=False)["input_ids"])[: args.max_answer]
+                        ref_gold = gold_scores(reference.turn(messages, gold, again=True)[0], gold)
                     for c, player in players.items():
                         lp, stats = player.turn(messages, answer)
                         kl = (ref.exp() * (ref - lp)).sum(-1)
@@ -135,12 +147,25 @@ def main() -> None:
                                "density": sum(dens) / len(dens), "answer_tokens": len(answer)}
                         if stats.get("recall"):
                             rec["recall"] = list(stats["recall"])
+                        if gold:
+                            lp, gstats = player.turn(messages, gold, again=True)
+                            lp_gold, top_gold = gold_scores(lp, gold)
+                            gdens = gstats.get("prefill_density") or [1.0]
+                            rec.update(gold_lp=lp_gold, gold_top1=top_gold, ref_gold_lp=ref_gold[0], ref_gold_top1=ref_gold[1],
+                                       gold_density=sum(gdens) / len(gdens))
                         records.append(rec)
                         with out.open("a", encoding="utf-8") as fh:
                             fh.write(json.dumps(rec) + "\n")
                     messages = messages + [{"role": "assistant", "content": answers[key]}]
                 print(f"{dataset} {conv['id']} {pos} done", file=sys.stderr, flush=True)
     print(table(records))
+
+
+def gold_scores(lp: torch.Tensor, gold: list[int]) -> tuple[float, float]:
+    """Mean log-probability of the gold tokens, and the share of them that are the argmax."""
+    ids = torch.tensor(gold)
+    picked = lp.gather(-1, ids[:, None]).flatten()
+    return float(picked.mean()), float((lp.argmax(-1) == ids).float().mean())
 
 
 def table(records: list[dict]) -> str:
@@ -160,6 +185,16 @@ def table(records: list[dict]) -> str:
         kls = " | ".join(f"{mean(groups[(c, p)], 'kl'):.4f}" for p in ("front", "middle", "back"))
         lines.append(f"| {c} | {len(a)} | {kls} | {mean(a, 'kl'):.4f} | {mean(a, 'top1'):.4f} | "
                      f"{sum(r['first'] for r in a)}/{len(a)} | {mean(a, 'density'):.3f} |")
+    golds = [r for r in records if "gold_lp" in r]
+    if golds:
+        lines += ["", "Turns that depend on earlier ones, the reference answer teacher-forced (dense in brackets):", "",
+                  "| prefill (dense decoding) | turns | gold log-prob front | middle | back | all | gold tokens top-1 |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for c in configs:
+            g = [r for r in golds if r["config"] == c]
+            cell = lambda rs: (f"{mean(rs, 'gold_lp'):.3f} ({mean(rs, 'ref_gold_lp'):.3f})" if rs else "-")  # noqa: E731
+            per = " | ".join(cell([r for r in g if r["position"] == p]) for p in ("front", "middle", "back"))
+            lines.append(f"| {c} | {len(g)} | {per} | {cell(g)} | {mean(g, 'gold_top1'):.3f} ({mean(g, 'ref_gold_top1'):.3f}) |")
     recalls = defaultdict(list)
     for r in records:
         if "recall" in r:

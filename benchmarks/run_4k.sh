@@ -25,14 +25,19 @@ $L bench run --methods dense-fp32=dense ${F/--limit 3/--limit 1} --out $R/result
 # StreamingLLM keeps sinks (4) + a window (1020) = the same 1,024 tokens
 $L bench run --methods streamingllm $B --out $R/results-kv-baselines.jsonl
 $L bench run --methods minference+dense $B --out $R/results-prefill.jsonl
+$L bench run --datasets turn_recall --methods snapkv,adakv --knob budget=1024 ${B/--limit 3/--limit 6} \
+    --out $R/results-turn-recall.jsonl
+# the remaining baselines of the issue, the same KV budget (1,024)
+$L bench run --methods pyramidkv,h2o --knob budget=1024 $B --out $R/results-kv-baselines.jsonl
 # the phase ablation: Phase 1 alone, Phase 2 alone
 $L bench run --methods loopserve+dense $B --out $R/results-prefill.jsonl
 $L bench run --methods dense+loopserve $B --out $R/results-decode-alone.jsonl
-$L bench run --datasets turn_recall --methods snapkv,adakv --knob budget=1024 ${B/--limit 3/--limit 6} \
-    --out $R/results-turn-recall.jsonl
 # alpha, B and n_d one at a time on the retrieval-heavy datasets
 $L bench run --datasets passkey,squad_multi,nq,turn_recall \
     --methods a08=loopserve,a095=loopserve,b256=loopserve,b512=loopserve,b2048=loopserve,nd4=loopserve,nd64=loopserve \
     --knob a08:alpha=0.8 --knob a095:alpha=0.95 --knob b256:budget=256 --knob b512:budget=512 --knob b2048:budget=2048 \
     --knob nd4:n_d=4 --knob nd64:n_d=64 $B --out $R/results-ablation.jsonl
 $L bench sensitivity --results $R/results-dense.jsonl $R/results-loopserve.jsonl $R/results-ablation.jsonl --out $R/sensitivity
+# the prefill baselines' shapes, each with dense decoding; a local window of 1,024 (their
+# defaults, sized for 128k prompts, would be dense at 4k)
+$L bench run --methods ashape+dense,trishape+dense --knob local=1024 $B --out $R/results-prefill.jsonl

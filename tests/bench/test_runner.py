@@ -436,7 +436,7 @@ def test_phase1_divergence_script_is_zero_for_an_exact_prefill(smoke, data_dir, 
     out = tmp_path / "div.jsonl"
     monkeypatch.setattr(sys, "argv", ["phase1_divergence", "--results", str(results), "--data", str(data_dir),
                                       "--datasets", "passkey", "--positions", "back", "--model", "tiny-llama",
-                                      "--dtype", "float32", "--out", str(out),
+                                      "--dtype", "float32", "--out", str(out), "--gold",
                                       "--configs", f"{force},alpha=1.0", f"{force},alpha=0.3"])
     script.main()
     recs = records(out)
@@ -446,4 +446,14 @@ def test_phase1_divergence_script_is_zero_for_an_exact_prefill(smoke, data_dir, 
     for r in exact:
         assert r["top1"] == 1.0 and r["first"] and abs(r["kl"]) < 1e-4
     assert all(r["density"] < 1.0 for r in sparse)
-    assert "| prefill (dense decoding) |" in capsys.readouterr().out
+    # --gold: on turns that depend on earlier ones the reference answer is scored too, and
+    # re-prefilling the same turn for it gives dense's numbers again at alpha = 1 (up to the
+    # kernel's fp32 rounding: all lines, summed in another order)
+    gold = [r for r in exact if "gold_lp" in r]
+    assert gold and len(gold) == sum(1 for r in sparse if "gold_lp" in r)
+    for r in gold:
+        assert abs(r["gold_lp"] - r["ref_gold_lp"]) < 1e-3 and r["gold_top1"] == r["ref_gold_top1"]
+    # the whole user message is prefilled again by the configuration, as on its first pass
+    assert all(r["gold_density"] == r["density"] < 1.0 for r in sparse if "gold_lp" in r)
+    printed = capsys.readouterr().out
+    assert "| prefill (dense decoding) |" in printed and "gold log-prob" in printed
