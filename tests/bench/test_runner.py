@@ -457,3 +457,40 @@ def test_phase1_divergence_script_is_zero_for_an_exact_prefill(smoke, data_dir, 
     assert all(r["gold_density"] == r["density"] < 1.0 for r in sparse if "gold_lp" in r)
     printed = capsys.readouterr().out
     assert "| prefill (dense decoding) |" in printed and "gold log-prob" in printed
+
+
+def test_phase1_coverage_script_is_complete_at_alpha_one(tokenizer, tmp_path, monkeypatch, capsys):
+    """benchmarks/phase1_coverage.py measures LoopServe's selection against dense attention on a
+    turn_recall conversation: at alpha = 1 (nearly) every row's mass is covered, in every row
+    region and position; at alpha 0.3 the rows lose much of it."""
+    import importlib.util
+    import sys
+
+    data = tmp_path / "data"
+    build_datasets(data, context_tokens=CONTEXT, seed=0, count_tokens=_count(tokenizer),
+                   conversations_per_dataset=1, datasets=("turn_recall",))
+    results = tmp_path / "results.jsonl"
+    assert main(run_args(data, results, methods=["dense"], datasets=("turn_recall",))) == 0
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "phase1_coverage.py"
+    spec = importlib.util.spec_from_file_location("phase1_coverage", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    summaries = {}
+    for alpha in ("1.0", "0.3"):
+        out = tmp_path / f"cov-{alpha}.json"
+        monkeypatch.setattr(sys, "argv", ["phase1_coverage", "--results", str(results), "--data", str(data),
+                                          "--limit", "1", "--model", "tiny-llama", "--dtype", "float32",
+                                          "--knobs", f"alpha={alpha},probe=8,local=4,spike_tau=0", "--out", str(out)])
+        script.main()
+        summaries[alpha] = json.loads(out.read_text())
+    assert "| position | rows | coverage |" in capsys.readouterr().out
+    mean_cov = {}
+    for alpha, s in summaries.items():
+        assert set(s["by_region"]) == set(POSITIONS)
+        covs = [v for regions in s["by_region"].values() for keys in regions.values() for v in keys["coverage"].values()]
+        mean_cov[alpha] = sum(covs) / len(covs)
+        if alpha == "1.0":
+            # every line a probe row touches is kept; rows that are not probed can still need a
+            # slash offset no probe row reaches, so "almost all", not "all"
+            assert min(covs) > 0.99
+    assert mean_cov["0.3"] < mean_cov["1.0"] - 0.05

@@ -19,7 +19,7 @@ import torch
 from ..knobs import check_int_knob
 from .base import PrefillMethod, register_prefill
 from .dense import dense_attention
-from .lines import attention_recall, causal_cells, outlier_rows, pattern_density, select_lines
+from .lines import LinePattern, attention_recall, causal_cells, outlier_rows, pattern_density, select_lines
 from .sparse import sparse_prefill_attention
 
 
@@ -99,19 +99,23 @@ class LoopServePrefill(PrefillMethod):
         check_int_knob(self, "spike_stride", 0)
         check_int_knob(self, "spike_dilate", 0)
 
-    def attend(self, q, k, v, *, layer_idx, scaling, ctx):
-        n, N = q.shape[-2], k.shape[-2]
-        if N < self.min_keys or n < self.min_new:
-            ctx.record("prefill_density", 1.0)
-            return dense_attention(q, k, v, scaling)
-        n_probe = max(self.probe, math.ceil(0.02 * n))
-        pattern = select_lines(
+    def select(self, q: torch.Tensor, k: torch.Tensor, *, layer_idx: int, scaling: float) -> LinePattern:
+        """The lines this layer's sparse rows attend over (q ``(1, H, n, D)``, k ``(1, H_kv, N, D)``)."""
+        n_probe = max(self.probe, math.ceil(0.02 * q.shape[-2]))
+        return select_lines(
             q[0], k[0], alpha=float(self.alpha), n_probe=n_probe, sinks=self.sinks, local=self.local,
             seed=self.seed + layer_idx, scale=scaling, row_floor=float(self.row_floor),
             stratified=bool(self.stratified), spike_tau=float(self.spike_tau), spike_stride=self.spike_stride,
             spike_outliers=float(self.spike_outliers), spike_dilate=self.spike_dilate,
             spike_history_only=bool(self.spike_history_only), spike_row_cap=self.spike_row_cap,
         )
+
+    def attend(self, q, k, v, *, layer_idx, scaling, ctx):
+        n, N = q.shape[-2], k.shape[-2]
+        if N < self.min_keys or n < self.min_new:
+            ctx.record("prefill_density", 1.0)
+            return dense_attention(q, k, v, scaling)
+        pattern = self.select(q, k, layer_idx=layer_idx, scaling=scaling)
         # Phase 2 starts decoding from these position-agnostic probe rows.
         ctx.layer_state[layer_idx]["probe_rows"] = pattern.probe_idx
         out = sparse_prefill_attention(q[0], k[0], v[0], pattern, scale=scaling)
