@@ -178,3 +178,20 @@ def test_report_methods_selects_labels(tmp_path, capsys):
     assert main(["report", "--results", str(results), "--out", str(tmp_path / "x"), "--methods", "dense,h2o"]) == 2
     assert "--methods h2o: not in the results (they hold adakv, dense, snapkv)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_report_datasets_selects_rows_and_signal(tmp_path, capsys):
+    """`--datasets` reports some datasets; `signal` keeps those where the reference clearly
+    beats a content-free answer; an unknown name is named, with the ones present."""
+    records = [rec(m, d, p, 0, score if m == "dense" else score / 2, conv=f"{d}-{c:04d}", golds=[f"{d}{c}"])
+               for m in ("dense", "snapkv") for p in ("front", "back") for c in range(3)
+               for d, score in (("nq", 0.9), ("qasper", 0.0))]
+    results = write(tmp_path / "results.jsonl", records)
+    for arg, kept in (("qasper", {"qasper"}), ("signal", {"nq"}), ("nq,qasper", {"nq", "qasper"})):
+        out = tmp_path / f"report-{arg}"
+        assert main(["report", "--results", str(results), "--out", str(out), "--datasets", arg]) == 0
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        assert set(summary["datasets"]) == kept and summary["records"] == 12 * len(kept)
+    assert main(["report", "--results", str(results), "--out", str(tmp_path / "x"), "--datasets", "nq,squad"]) == 2
+    assert "--datasets squad: not in the results (they hold nq, qasper)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -191,7 +191,8 @@ def cmd_report(args) -> int:
     from .report import write_report
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    return _print_written(partial(write_report, methods=methods), args)
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
+    return _print_written(partial(write_report, methods=methods, datasets=datasets), args)
 
 
 def cmd_sensitivity(args) -> int:
@@ -251,6 +252,9 @@ def add_bench_commands(bench) -> None:
     p.add_argument("--reference", default="dense", help="method the others are compared with (default dense)")
     p.add_argument("--methods", default=None,
                    help="comma-separated method labels to report (default: all in the files), e.g. the finished ones")
+    p.add_argument("--datasets", default=None,
+                   help="comma-separated datasets to report (default: all), or 'signal': those where the reference "
+                        "clearly beats a content-free answer")
     add_common_options(p)
     p.set_defaults(func=cmd_report)
 

@@ -640,12 +640,16 @@ def load_many(results: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple
 
 
 def write_report(results: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike = "runs/bench/report",
-                 reference: str = "dense", methods: Sequence[str] | None = None) -> dict[str, Path]:
+                 reference: str = "dense", methods: Sequence[str] | None = None,
+                 datasets: Sequence[str] | None = None) -> dict[str, Path]:
     """Write ``report.md``, ``summary.json`` and the PNG plots to ``out_dir``.
 
     ``results`` is one results file or several (each configuration may run in its own
     process and file). ``methods``: report only these labels (e.g. the finished
-    configurations of a file that also holds an unfinished one). Everything is computed and
+    configurations of a file that also holds an unfinished one). ``datasets``: only these
+    datasets; ``["signal"]`` keeps those where the reference clearly beats a content-free
+    answer (the report's signal column), so the comparisons rest on rows that can tell
+    methods apart. Everything is computed and
     rendered in a temporary folder first, so bad input (a malformed results line) or a
     failing plot leaves ``out_dir`` as it was.
     """
@@ -657,6 +661,17 @@ def write_report(results: str | os.PathLike | Sequence[str | os.PathLike], out_d
             raise BenchError(f"--methods {', '.join(unknown)}: not in the results (they hold {', '.join(present)})")
         wanted = set(methods)
         records = [r for r in records if r["method"] in wanted]
+    if datasets is not None:
+        present = sorted({r["dataset"] for r in records})
+        if list(datasets) == ["signal"]:
+            signal = summarize(records, reference=reference, source=source)["signal"]
+            datasets = [d for d in present if signal.get(d, {}).get("signal")]
+            if not datasets:
+                raise BenchError("--datasets signal: no dataset has the reference clearly above a trivial answer")
+        unknown = [d for d in datasets if d not in present]
+        if unknown:
+            raise BenchError(f"--datasets {', '.join(unknown)}: not in the results (they hold {', '.join(present)})")
+        records = [r for r in records if r["dataset"] in set(datasets)]
     summary = summarize(records, reference=reference, source=source)
     markdown = render_markdown(summary)
     out = Path(out_dir)
