@@ -11,12 +11,20 @@ B="--context 4000 --limit 3 --max-new-tokens 64 --dtype bf16-prefill --threads 2
 R=docs/results/4k
 $L bench run --methods dense $B --out $R/results-dense.jsonl
 $L bench run --methods loopserve $B --out $R/results-loopserve.jsonl
+# alpha 0.9, SPEC's default and LoopServe's until 2026-12-03 (session 7 measured 0.95 against it)
+$L bench run --methods loopserve-a090=loopserve --knob loopserve-a090:alpha=0.9 $B --out $R/results-loopserve-a090.jsonl
+$L bench run --methods loopserve-bounded-a090=loopserve --knob loopserve-bounded-a090:alpha=0.9 \
+    --knob loopserve-bounded-a090:mode=bounded --knob loopserve-bounded-a090:memory_budget=2048 $B \
+    --out $R/results-loopserve-bounded-a090.jsonl
 $L bench run --methods loopserve-bounded=loopserve --knob loopserve-bounded:mode=bounded \
     --knob loopserve-bounded:memory_budget=2048 $B --out $R/results-loopserve-bounded.jsonl
 $L bench run --methods snapkv,adakv --knob budget=1024 $B --out $R/results-kv-baselines.jsonl
 # multi-turn retrieval of a first turn's fact, on all 6 conversations built
 $L bench run --datasets turn_recall --methods dense,loopserve ${B/--limit 3/--limit 6} --out $R/results-turn-recall.jsonl
 $L bench run --datasets turn_recall --methods loopserve+dense,dense+loopserve ${B/--limit 3/--limit 6} \
+    --out $R/results-turn-recall.jsonl
+$L bench run --datasets turn_recall --methods loopserve-a090=loopserve,loopserve+dense-a090=loopserve+dense \
+    --knob loopserve-a090:alpha=0.9 --knob loopserve+dense-a090:alpha=0.9 ${B/--limit 3/--limit 6} \
     --out $R/results-turn-recall.jsonl
 # how far dense's answers move under other numerics alone (fp32 prefill instead of bf16): the
 # fidelity a change of arithmetic scores, on the first conversation of each dataset
@@ -34,8 +42,8 @@ $L bench run --methods loopserve+dense $B --out $R/results-prefill.jsonl
 $L bench run --methods dense+loopserve $B --out $R/results-decode-alone.jsonl
 # alpha, B and n_d one at a time on the retrieval-heavy datasets
 $L bench run --datasets passkey,squad_multi,nq,turn_recall \
-    --methods a08=loopserve,a095=loopserve,b256=loopserve,b512=loopserve,b2048=loopserve,nd4=loopserve,nd64=loopserve \
-    --knob a08:alpha=0.8 --knob a095:alpha=0.95 --knob b256:budget=256 --knob b512:budget=512 --knob b2048:budget=2048 \
+    --methods a08=loopserve,a09=loopserve,b256=loopserve,b512=loopserve,b2048=loopserve,nd4=loopserve,nd64=loopserve \
+    --knob a08:alpha=0.8 --knob a09:alpha=0.9 --knob b256:budget=256 --knob b512:budget=512 --knob b2048:budget=2048 \
     --knob nd4:n_d=4 --knob nd64:n_d=64 $B --out $R/results-ablation.jsonl
 $L bench sensitivity --results $R/results-dense.jsonl $R/results-loopserve.jsonl $R/results-ablation.jsonl --out $R/sensitivity
 # the prefill baselines' shapes, each with dense decoding; a local window of 1,024 (their

@@ -504,6 +504,11 @@ def render_markdown(summary: dict) -> str:
         f"answer budget {', '.join(map(str, s['max_new_tokens'])) or '?'} tokens.",
         "",
     ]
+    if summary.get("dataset_selection"):
+        sel = summary["dataset_selection"]
+        why = (" (`--datasets signal`: those where the reference clearly beats a content-free answer)"
+               if sel == "signal" else "")
+        lines += [f"Datasets selected{why}: {', '.join(summary['datasets'])}.", ""]
     knobs = [f"`{m}` {', '.join(v)}" for m, v in s["knobs"].items() if v and v != ["{}"]]
     if knobs:
         lines += ["Knobs: " + "; ".join(knobs) + ".", ""]
@@ -661,6 +666,7 @@ def write_report(results: str | os.PathLike | Sequence[str | os.PathLike], out_d
             raise BenchError(f"--methods {', '.join(unknown)}: not in the results (they hold {', '.join(present)})")
         wanted = set(methods)
         records = [r for r in records if r["method"] in wanted]
+    selection = None if datasets is None else ("signal" if list(datasets) == ["signal"] else list(datasets))
     if datasets is not None:
         present = sorted({r["dataset"] for r in records})
         if list(datasets) == ["signal"]:
@@ -673,6 +679,8 @@ def write_report(results: str | os.PathLike | Sequence[str | os.PathLike], out_d
             raise BenchError(f"--datasets {', '.join(unknown)}: not in the results (they hold {', '.join(present)})")
         records = [r for r in records if r["dataset"] in set(datasets)]
     summary = summarize(records, reference=reference, source=source)
+    if selection is not None:
+        summary["dataset_selection"] = selection
     markdown = render_markdown(summary)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
