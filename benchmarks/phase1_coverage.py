@@ -193,9 +193,36 @@ def main() -> None:
                 summary["heads"].append({"layer": L, "kv_head": h, "position": pos, **{
                     k: sum(r[k] for r in sel) / len(sel)
                     for k in ("fact_mass", "fact_kept", "question_coverage", "question_mass", "question_mass_kept")}})
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=1))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1))
+    plot(summary, out.with_suffix(".png"))
     print(table(summary, layers))
+    print(f"\nwrote {out} and {out.with_suffix('.png')}", file=sys.stderr)
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Mass kept per layer, one panel per question position, one line per row region."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    positions = list(summary["by_region"])
+    colours = {"question": "C0", "after question": "C1", "last rows (dense)": "C2", "other rows": "C3"}
+    fig = Figure(figsize=(4.2 * len(positions), 3.6), tight_layout=True)
+    FigureCanvasAgg(fig)
+    for i, pos in enumerate(positions):
+        ax = fig.add_subplot(1, len(positions), i + 1)
+        for region, keys in summary["by_region"][pos].items():
+            layers = sorted(keys["coverage"], key=int)
+            ax.plot([int(L) for L in layers], [keys["coverage"][L] for L in layers], marker=".", label=region,
+                    color=colours.get(region))
+        ax.set_title(f"question at the {pos}")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("attention mass kept by the selection")
+        ax.grid(alpha=0.3)
+    handles = {h.get_label(): h for ax in fig.axes for h in ax.get_lines()}
+    fig.axes[0].legend([handles[r] for r in colours if r in handles], [r for r in colours if r in handles], fontsize=8)
+    fig.savefig(path, dpi=110)
 
 
 def table(summary: dict, layers: list[int]) -> str:

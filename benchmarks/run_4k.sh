@@ -33,13 +33,13 @@ $L bench run --methods dense-fp32=dense ${F/--limit 3/--limit 1} --out $R/result
 # StreamingLLM keeps sinks (4) + a window (1020) = the same 1,024 tokens
 $L bench run --methods streamingllm $B --out $R/results-kv-baselines.jsonl
 $L bench run --methods minference+dense $B --out $R/results-prefill.jsonl
+# the phase ablation: Phase 1 alone, Phase 2 alone
+$L bench run --methods loopserve+dense $B --out $R/results-prefill.jsonl
+$L bench run --methods dense+loopserve $B --out $R/results-decode-alone.jsonl
 $L bench run --datasets turn_recall --methods snapkv,adakv --knob budget=1024 ${B/--limit 3/--limit 6} \
     --out $R/results-turn-recall.jsonl
 # the remaining baselines of the issue, the same KV budget (1,024)
 $L bench run --methods pyramidkv,h2o --knob budget=1024 $B --out $R/results-kv-baselines.jsonl
-# the phase ablation: Phase 1 alone, Phase 2 alone
-$L bench run --methods loopserve+dense $B --out $R/results-prefill.jsonl
-$L bench run --methods dense+loopserve $B --out $R/results-decode-alone.jsonl
 # alpha, B and n_d one at a time on the retrieval-heavy datasets
 $L bench run --datasets passkey,squad_multi,nq,turn_recall \
     --methods a08=loopserve,a09=loopserve,b256=loopserve,b512=loopserve,b2048=loopserve,nd4=loopserve,nd64=loopserve \

@@ -483,6 +483,7 @@ def test_phase1_coverage_script_is_complete_at_alpha_one(tokenizer, tmp_path, mo
                                           "--knobs", f"alpha={alpha},probe=8,local=4,spike_tau=0", "--out", str(out)])
         script.main()
         summaries[alpha] = json.loads(out.read_text())
+        assert out.with_suffix(".png").stat().st_size > 0
     assert "| position | rows | coverage |" in capsys.readouterr().out
     mean_cov = {}
     for alpha, s in summaries.items():
