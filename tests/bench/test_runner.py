@@ -495,3 +495,25 @@ def test_phase1_coverage_script_is_complete_at_alpha_one(tokenizer, tmp_path, mo
             # slash offset no probe row reaches, so "almost all", not "all"
             assert min(covs) > 0.99
     assert mean_cov["0.3"] < mean_cov["1.0"] - 0.05
+
+
+def test_knob_speed_script_times_every_ablation_label(tmp_path, monkeypatch, capsys):
+    """benchmarks/knob_speed.py times dense and each ablation label side by side, and writes
+    the JSON that `bench sensitivity --speed` reads (labels as in run_4k.sh)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "knob_speed.py"
+    spec = importlib.util.spec_from_file_location("knob_speed", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "speed.json"
+    monkeypatch.setattr(sys, "argv", ["knob_speed", "--model", "tiny-llama", "--runs", "1",
+                                      "--history", "96", "--new", "32", "--context", "160", "--tokens", "3",
+                                      "--out", str(out)])
+    script.main()
+    data = json.loads(out.read_text())
+    assert set(data["prefill"]) == set(script.PREFILL) and set(data["decode"]) == set(script.DECODE)
+    assert all(r["ttft_speedup"] > 0 and r["ttft_s"] > 0 for r in data["prefill"].values())
+    assert all(r["tpot_speedup"] > 0 and r["tpot_ms"] > 0 for r in data["decode"].values())
+    assert data["threads"] >= 1 and "| b256 |" in capsys.readouterr().out

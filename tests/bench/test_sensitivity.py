@@ -72,3 +72,26 @@ def test_report_over_several_files_refuses_a_turn_twice(tmp_path, capsys):
     assert main(["report", "--results", str(a), str(a), "--out", str(tmp_path / "twice")]) == 2
     assert "also in an earlier results file" in capsys.readouterr().err
     assert not (tmp_path / "twice").exists()
+
+
+def test_speed_file_replaces_the_records_ratios(tmp_path, capsys):
+    """`--speed` puts side-by-side speed-ups (benchmarks/knob_speed.py) in the TTFT / TPOT
+    columns by label; labels it does not measure show none; a file without them is named."""
+    results = write(tmp_path / "r.jsonl", labelled_records())
+    speed = tmp_path / "speed.json"
+    speed.write_text(json.dumps({"prefill": {"a08": {"ttft_speedup": 1.7}, "loopserve": {"ttft_speedup": 1.4}},
+                                 "decode": {"b256": {"tpot_speedup": 1.6}, "loopserve": {"tpot_speedup": 1.3}}}))
+    out = tmp_path / "out"
+    assert main(["sensitivity", "--results", str(results), "--out", str(out), "--speed", str(speed)]) == 0
+    data = json.loads((out / "sensitivity.json").read_text())
+    rows = {r["method"]: r for r in data["averages"] if r["position"] == "all"}
+    assert rows["a08"]["ttft_speedup"] == 1.7 and rows["a08"]["tpot_speedup"] is None
+    assert rows["b256"]["tpot_speedup"] == 1.6 and rows["loopserve"]["ttft_speedup"] == 1.4
+    assert rows["a095"]["ttft_speedup"] is None  # not measured: no ratio rather than the records'
+    md = (out / "sensitivity.md").read_text()
+    assert "1.70×" in md and "4.00×" not in md and "measured side by side" in md
+    (tmp_path / "bad.json").write_text("{}")
+    assert main(["sensitivity", "--results", str(results), "--out", str(tmp_path / "x"), "--speed",
+                 str(tmp_path / "bad.json")]) == 2
+    assert "no 'prefill' or 'decode' speed-ups" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -196,9 +196,11 @@ def cmd_report(args) -> int:
 
 
 def cmd_sensitivity(args) -> int:
+    from functools import partial
+
     from .sensitivity import write_sensitivity
 
-    return _print_written(write_sensitivity, args)
+    return _print_written(partial(write_sensitivity, speed=args.speed), args)
 
 
 # --------------------------------------------------------------------------- parsers
@@ -262,6 +264,9 @@ def add_bench_commands(bench) -> None:
     p.add_argument("--results", nargs="+", required=True, help="one or more results JSONL files")
     p.add_argument("--out", default="runs/sensitivity", help="output folder (default runs/sensitivity)")
     p.add_argument("--reference", default="dense", help="method the others are compared with (default dense)")
+    p.add_argument("--speed", default=None,
+                   help="a benchmarks/knob_speed.py JSON: its side-by-side TTFT / TPOT speed-ups replace the "
+                        "records' (which share forwards with other conversations)")
     add_common_options(p)
     p.set_defaults(func=cmd_sensitivity)
 

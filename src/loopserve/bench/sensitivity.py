@@ -24,7 +24,7 @@ from pathlib import Path
 from .report import ALL, _ci, _f, load_many, summarize
 from .runner import BenchError
 
-__all__ = ["knob_curves", "render_sensitivity", "sensitivity_summary", "write_sensitivity"]
+__all__ = ["apply_speed", "knob_curves", "render_sensitivity", "sensitivity_summary", "write_sensitivity"]
 
 
 def _configs(records: list[dict]) -> dict[str, dict]:
@@ -89,8 +89,12 @@ def render_sensitivity(summary: dict) -> str:
         "",
         f"From `{summary['source']}`: {summary['records']} turn records on {', '.join(summary['datasets'])}; "
         f"every column relative to `{ref}` is paired on the same turns. Intervals: 95% bootstrap over "
-        "conversations. TTFT × and TPOT × are speedups over the reference in the same run (above 1 is "
-        "faster); the machine's load during the run applies to both sides.",
+        "conversations. " + (
+            f"TTFT × and TPOT × are speed-ups over the reference measured side by side on an idle machine "
+            f"(`{summary['speed_source']}`: prefill knobs give TTFT, decode knobs TPOT; above 1 is faster)."
+            if summary.get("speed_source") else
+            "TTFT × and TPOT × are speedups over the reference in the same run (above 1 is faster); the "
+            "machine's load during the run applies to both sides."),
         "",
         "## Configurations",
         "",
@@ -166,14 +170,38 @@ def _plots(summary: dict, out: Path) -> list[str]:
     return names
 
 
+def apply_speed(summary: dict, speed: dict, source: str) -> None:
+    """Replace the records' TTFT / TPOT ratios (forwards shared with other conversations in a
+    benchmark run) by ratios measured side by side on an idle machine
+    (`benchmarks/knob_speed.py`): its ``prefill`` entries give ``ttft_speedup``, its
+    ``decode`` entries ``tpot_speedup``, by label; a label it does not measure shows none."""
+    ttft = {label: r["ttft_speedup"] for label, r in speed.get("prefill", {}).items()}
+    tpot = {label: r["tpot_speedup"] for label, r in speed.get("decode", {}).items()}
+    if not ttft and not tpot:
+        raise BenchError(f"{source}: no 'prefill' or 'decode' speed-ups (a benchmarks/knob_speed.py JSON?)")
+    for row in summary["averages"]:
+        if row["method"] != summary["reference"]:
+            row["ttft_speedup"] = ttft.get(row["method"])
+            row["tpot_speedup"] = tpot.get(row["method"])
+    summary["speed_source"] = source
+
+
 def write_sensitivity(results: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                      reference: str = "dense") -> dict[str, Path]:
+                      reference: str = "dense", speed: str | os.PathLike | None = None) -> dict[str, Path]:
     """Write ``sensitivity.md``, ``sensitivity.json`` and one PNG per knob curve.
 
-    All or nothing, like the report: rendered in a temporary folder, then moved.
+    ``speed``: a `benchmarks/knob_speed.py` JSON whose side-by-side ratios replace the
+    records' (see :func:`apply_speed`). All or nothing, like the report: rendered in a
+    temporary folder, then moved.
     """
     records, source = load_many(results)
     summary = sensitivity_summary(records, reference=reference, source=source)
+    if speed is not None:
+        try:
+            data = json.loads(Path(speed).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise BenchError(f"--speed {speed}: {e}") from None
+        apply_speed(summary, data, Path(speed).as_posix())
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".sensitivity-", dir=out.parent))
