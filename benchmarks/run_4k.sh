@@ -45,7 +45,8 @@ $L bench run --datasets passkey,squad_multi,nq,turn_recall \
     --methods a08=loopserve,a09=loopserve,b256=loopserve,b512=loopserve,b2048=loopserve,nd4=loopserve,nd64=loopserve \
     --knob a08:alpha=0.8 --knob a09:alpha=0.9 --knob b256:budget=256 --knob b512:budget=512 --knob b2048:budget=2048 \
     --knob nd4:n_d=4 --knob nd64:n_d=64 $B --out $R/results-ablation.jsonl
-$L bench sensitivity --results $R/results-dense.jsonl $R/results-loopserve.jsonl $R/results-ablation.jsonl --out $R/sensitivity
+$L bench sensitivity --results $R/results-dense.jsonl $R/results-loopserve.jsonl $R/results-ablation.jsonl \
+    --speed $R/knob-speed.json --out $R/sensitivity
 # the prefill baselines' shapes, each with dense decoding; a local window of 1,024 (their
 # defaults, sized for 128k prompts, would be dense at 4k)
 $L bench run --methods ashape+dense,trishape+dense --knob local=1024 $B --out $R/results-prefill.jsonl
