@@ -36,6 +36,10 @@ $L bench run --methods minference+dense $B --out $R/results-prefill.jsonl
 # the phase ablation: Phase 1 alone, Phase 2 alone
 $L bench run --methods loopserve+dense $B --out $R/results-prefill.jsonl
 $L bench run --methods dense+loopserve $B --out $R/results-decode-alone.jsonl
+# MInference's published sizes (1,000 columns, 6,096 diagonals) are dense at 4k (the line
+# above it measured that); at a density near LoopServe's later turns (about 0.2):
+$L bench run --methods minference-400=minference+dense --knob minference-400:vertical_size=400 \
+    --knob minference-400:slash_size=400 $B --out $R/results-prefill.jsonl
 $L bench run --datasets turn_recall --methods snapkv,adakv --knob budget=1024 ${B/--limit 3/--limit 6} \
     --out $R/results-turn-recall.jsonl
 # the remaining baselines of the issue, the same KV budget (1,024)
