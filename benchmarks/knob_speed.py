@@ -79,7 +79,7 @@ def main() -> None:
     configs = {"dense": ("dense", {}), **{label: ("loopserve+dense", k) for label, k in PREFILL.items()}}
     ttft = sweep(base, text, configs, 1, args.runs, key=0)
     for label, knobs in PREFILL.items():
-        result["prefill"][label] = {"knobs": knobs, "ttft_s": round(ttft[label], 3), "dense_ttft_s": round(ttft["dense"], 3),
+        result["prefill"][label] = {"knobs": knobs, "ttft_s": round(ttft[label], 6), "dense_ttft_s": round(ttft["dense"], 6),
                                     "ttft_speedup": round(ttft["dense"] / ttft[label], 3)}
 
     prompt = long_prompt(engine, args.context)
@@ -89,8 +89,8 @@ def main() -> None:
     configs = {"dense": ("dense", {}), **{label: ("dense+loopserve", k) for label, k in DECODE.items()}}
     tpot = sweep(base, prompt, configs, args.tokens, args.runs, key=1)
     for label, knobs in DECODE.items():
-        result["decode"][label] = {"knobs": knobs, "tpot_ms": round(tpot[label] * 1000, 2),
-                                   "dense_tpot_ms": round(tpot["dense"] * 1000, 2),
+        result["decode"][label] = {"knobs": knobs, "tpot_ms": round(tpot[label] * 1000, 4),
+                                   "dense_tpot_ms": round(tpot["dense"] * 1000, 4),
                                    "tpot_speedup": round(tpot["dense"] / tpot[label], 3)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ here returns dense attention, so the activations are dense's).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -131,6 +132,7 @@ def main() -> None:
     # per (position, region, layer): lists of per-row means; per (layer, kv head): question rows
     agg: dict = defaultdict(list)
     heads: dict = defaultdict(list)
+    cases: list[dict] = []
     for conv in convs:
         for pos in args.positions.split(","):
             session = engine.new_session(method="phase1-coverage+dense", knobs=knobs)
@@ -159,6 +161,13 @@ def main() -> None:
                     break
                 answer = answers[(conv["id"], pos, turn["index"])]
                 session.prefill(list(tok(answer, add_special_tokens=False)["input_ids"]) or [next(iter(engine.eos_ids))])
+                messages = messages + [{"role": "assistant", "content": answer}]
+            # the measured turn sits on the whole conversation, dense's answers included
+            missing = [m for m in messages if m["role"] == "assistant" and m["content"] not in text]
+            if missing or sum(m["role"] == "assistant" for m in messages) != len(conv["turns"]) - 1:
+                raise SystemExit(f"{conv['id']} {pos}: the last turn's prompt lacks earlier answers")
+            cases.append({"conversation": conv["id"], "position": pos, "history_tokens": CAPTURED[0]["off"],
+                          "new_tokens": CAPTURED[0]["n"], "answers": len(conv["turns"]) - 1})
             q_a, q_b = CAPTURE["question"]
             for cap in CAPTURED:
                 off, n, L = cap["off"], cap["n"], cap["layer"]
@@ -183,7 +192,8 @@ def main() -> None:
             print(f"{conv['id']} {pos}: question rows {q_a - off}-{q_b - off} of {n}", file=sys.stderr, flush=True)
     layers = sorted({k[3] for k in agg})
     positions = args.positions.split(",")
-    summary = {"knobs": knobs, "cases": len(convs), "positions": positions, "by_region": {}, "heads": []}
+    summary = {"knobs": knobs, "config": dataclasses.asdict(CoverageProbe(**knobs)),
+               "conversations": len(convs), "positions": positions, "cases": cases, "by_region": {}, "heads": []}
     for (pos, region, key, L), vals in agg.items():
         summary["by_region"].setdefault(pos, {}).setdefault(region, {}).setdefault(key, {})[L] = sum(vals) / len(vals)
     for (L, h), rs in heads.items():

@@ -96,7 +96,8 @@ def main() -> None:
     ap.add_argument("--max-answer", type=int, default=64)
     ap.add_argument("--gold", action="store_true",
                     help="on turns that depend on earlier ones, also score the reference answer (gold_lp: its "
-                         "mean log-probability, teacher-forced; gold_top1: its tokens that are the argmax)")
+                         "mean log-probability, teacher-forced; gold_top1: its tokens that are the argmax); "
+                         "the turn is then prefilled twice, and continues with dense's answer as without it")
     ap.add_argument("--out", default="runs/phase1-divergence.jsonl")
     args = ap.parse_args()
     if args.table:
@@ -131,14 +132,21 @@ def main() -> None:
                     messages = messages + [{"role": "user", "content": turn["user"][pos]}]
                     answer = list(tok(answers[key], add_special_tokens=False)["input_ids"])[: args.max_answer]
                     answer = answer or [next(iter(engine.eos_ids))]
-                    ref, _ = reference.turn(messages, answer)
-                    ref_top = ref.argmax(-1)
+                    # The reference answer is scored first, so that every session ends the turn
+                    # holding dense's answer, as without --gold (the next turn builds on it).
                     gold = None
-                    if args.gold and turn.get("depends_on"):
+                    if args.gold and turn.get("depends_on") and turn.get("answers"):
                         gold = list(tok(turn["answers"][0], add_special_tokens=False)["input_ids"])[: args.max_answer]
-                        ref_gold = gold_scores(reference.turn(messages, gold, again=True)[0], gold)
+                    if gold:
+                        ref_gold = gold_scores(reference.turn(messages, gold)[0], gold)
+                    ref, _ = reference.turn(messages, answer, again=bool(gold))
+                    ref_top = ref.argmax(-1)
                     for c, player in players.items():
-                        lp, stats = player.turn(messages, answer)
+                        if gold:
+                            lp, gstats = player.turn(messages, gold)
+                            lp_gold, top_gold = gold_scores(lp, gold)
+                            gdens = gstats.get("prefill_density") or [1.0]
+                        lp, stats = player.turn(messages, answer, again=bool(gold))
                         kl = (ref.exp() * (ref - lp)).sum(-1)
                         dens = stats.get("prefill_density") or [1.0]
                         rec = {"dataset": dataset, "conversation": conv["id"], "position": pos, "turn": turn["index"],
@@ -148,9 +156,6 @@ def main() -> None:
                         if stats.get("recall"):
                             rec["recall"] = list(stats["recall"])
                         if gold:
-                            lp, gstats = player.turn(messages, gold, again=True)
-                            lp_gold, top_gold = gold_scores(lp, gold)
-                            gdens = gstats.get("prefill_density") or [1.0]
                             rec.update(gold_lp=lp_gold, gold_top1=top_gold, ref_gold_lp=ref_gold[0], ref_gold_top1=ref_gold[1],
                                        gold_density=sum(gdens) / len(gdens))
                         records.append(rec)

@@ -193,6 +193,8 @@ def test_report_datasets_selects_rows_and_signal(tmp_path, capsys):
         summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
         assert set(summary["datasets"]) == kept and summary["records"] == 12 * len(kept)
         assert "Datasets selected" in (out / "report.md").read_text(encoding="utf-8")
+    assert main(["report", "--results", str(results), "--out", str(tmp_path / "x"), "--datasets", ","]) == 2
+    assert "--datasets: no dataset named" in capsys.readouterr().err
     assert main(["report", "--results", str(results), "--out", str(tmp_path / "x"), "--datasets", "nq,squad"]) == 2
     assert "--datasets squad: not in the results (they hold nq, qasper)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

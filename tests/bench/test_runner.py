@@ -457,6 +457,17 @@ def test_phase1_divergence_script_is_zero_for_an_exact_prefill(smoke, data_dir, 
     assert all(r["gold_density"] == r["density"] < 1.0 for r in sparse if "gold_lp" in r)
     printed = capsys.readouterr().out
     assert "| prefill (dense decoding) |" in printed and "gold log-prob" in printed
+    # and the turns after a gold turn are measured as without --gold (the sessions continue
+    # from dense's answer, not the reference's)
+    plain = tmp_path / "plain.jsonl"
+    argv = [a for a in sys.argv if a != "--gold"]
+    monkeypatch.setattr(sys, "argv", [str(plain) if a == str(out) else a for a in argv])
+    script.main()
+    key = lambda r: (r["config"], r["turn"])  # noqa: E731
+    without = {key(r): r for r in records(plain)}
+    assert any(r["turn"] > min(g["turn"] for g in gold) for r in sparse)
+    for r in recs:
+        assert r["kl"] == without[key(r)]["kl"] and r["density"] == without[key(r)]["density"]
 
 
 def test_phase1_coverage_script_is_complete_at_alpha_one(tokenizer, tmp_path, monkeypatch, capsys):
@@ -495,6 +506,12 @@ def test_phase1_coverage_script_is_complete_at_alpha_one(tokenizer, tmp_path, mo
             # slash offset no probe row reaches, so "almost all", not "all"
             assert min(covs) > 0.99
     assert mean_cov["0.3"] < mean_cov["1.0"] - 0.05
+    # the measured turn sits on the whole conversation: every earlier answer is in its history
+    turns = load_dataset(data / "turn_recall.jsonl")[0]["turns"]
+    for case in summaries["1.0"]["cases"]:
+        assert case["answers"] == len(turns) - 1 and case["history_tokens"] > 0
+    from loopserve.attention.base import PREFILL_METHODS
+    PREFILL_METHODS.pop("phase1-coverage", None)  # the script's diagnostic method: not for later tests
 
 
 def test_knob_speed_script_times_every_ablation_label(tmp_path, monkeypatch, capsys):

@@ -79,7 +79,7 @@ def test_speed_file_replaces_the_records_ratios(tmp_path, capsys):
     columns by label; labels it does not measure show none; a file without them is named."""
     results = write(tmp_path / "r.jsonl", labelled_records())
     speed = tmp_path / "speed.json"
-    speed.write_text(json.dumps({"prefill": {"a08": {"ttft_speedup": 1.7}, "loopserve": {"ttft_speedup": 1.4}},
+    speed.write_text(json.dumps({"dtype": "float32", "threads": 2, "prefill": {"a08": {"ttft_speedup": 1.7}, "loopserve": {"ttft_speedup": 1.4}},
                                  "decode": {"b256": {"tpot_speedup": 1.6}, "loopserve": {"tpot_speedup": 1.3}}}))
     out = tmp_path / "out"
     assert main(["sensitivity", "--results", str(results), "--out", str(out), "--speed", str(speed)]) == 0
@@ -89,7 +89,7 @@ def test_speed_file_replaces_the_records_ratios(tmp_path, capsys):
     assert rows["b256"]["tpot_speedup"] == 1.6 and rows["loopserve"]["ttft_speedup"] == 1.4
     assert rows["a095"]["ttft_speedup"] is None  # not measured: no ratio rather than the records'
     md = (out / "sensitivity.md").read_text()
-    assert "1.70×" in md and "4.00×" not in md and "measured side by side" in md
+    assert "1.70×" in md and "4.00×" not in md and "measured side by side" in md and "dtype float32" in md
     (tmp_path / "bad.json").write_text("{}")
     assert main(["sensitivity", "--results", str(results), "--out", str(tmp_path / "x"), "--speed",
                  str(tmp_path / "bad.json")]) == 2

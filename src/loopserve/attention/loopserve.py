@@ -51,7 +51,7 @@ class LoopServePrefill(PrefillMethod):
     probe: int = 64  # minimum probe rows; 2% of the new rows when that is more
     sinks: int = 4
     local: int = 64
-    min_keys: int = 2048  # dense below this many keys (crossover measured at 1-1.5k: docs/benchmarks.md)
+    min_keys: int = 2048  # dense below this many keys (where sparse pays: docs/benchmarks.md, "Where sparse prefill starts to pay")
     min_new: int = 128  # dense for fewer new rows than this
     seed: int = 0
     recall_rows: int = 0  # >0: measure recall on this many held-out rows (diagnostics only)

@@ -668,6 +668,8 @@ def write_report(results: str | os.PathLike | Sequence[str | os.PathLike], out_d
         records = [r for r in records if r["method"] in wanted]
     selection = None if datasets is None else ("signal" if list(datasets) == ["signal"] else list(datasets))
     if datasets is not None:
+        if not datasets:
+            raise BenchError("--datasets: no dataset named")
         present = sorted({r["dataset"] for r in records})
         if list(datasets) == ["signal"]:
             signal = summarize(records, reference=reference, source=source)["signal"]

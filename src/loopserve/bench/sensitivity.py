@@ -79,6 +79,10 @@ def _speed(row: dict, key: str) -> str:
     return _f(row.get(key), "{:.2f}×")
 
 
+def _settings(settings: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None) or "settings not recorded"
+
+
 def render_sensitivity(summary: dict) -> str:
     ref = summary["reference"]
     positions = summary["positions"]
@@ -91,7 +95,8 @@ def render_sensitivity(summary: dict) -> str:
         f"every column relative to `{ref}` is paired on the same turns. Intervals: 95% bootstrap over "
         "conversations. " + (
             f"TTFT × and TPOT × are speed-ups over the reference measured side by side on an idle machine "
-            f"(`{summary['speed_source']}`: prefill knobs give TTFT, decode knobs TPOT; above 1 is faster)."
+            f"(`{summary['speed_source']}`, {_settings(summary['speed_settings'])}: prefill knobs give TTFT, "
+            "decode knobs TPOT; above 1 is faster)."
             if summary.get("speed_source") else
             "TTFT × and TPOT × are speedups over the reference in the same run (above 1 is faster); the "
             "machine's load during the run applies to both sides."),
@@ -184,6 +189,7 @@ def apply_speed(summary: dict, speed: dict, source: str) -> None:
             row["ttft_speedup"] = ttft.get(row["method"])
             row["tpot_speedup"] = tpot.get(row["method"])
     summary["speed_source"] = source
+    summary["speed_settings"] = {k: speed.get(k) for k in ("dtype", "threads", "runs")}
 
 
 def write_sensitivity(results: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
