@@ -255,7 +255,7 @@ def test_bench_report_writes_under_runs_unless_out_is_given(monkeypatch, tmp_pat
     import loopserve.bench.report as report
 
     calls = []
-    monkeypatch.setattr(report, "write_report", lambda results, out, reference, methods=None: calls.append(Path(out)) or {})
+    monkeypatch.setattr(report, "write_report", lambda results, out, reference, methods=None, datasets=None: calls.append(Path(out)) or {})
     assert main(["bench", "report", "--results", str(tmp_path / "r.jsonl")]) == 0
     assert main(["bench", "report", "--results", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "x")]) == 0
     assert calls == [Path("runs/bench/report"), tmp_path / "x"]
