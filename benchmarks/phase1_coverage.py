@@ -41,6 +41,7 @@ from loopserve.attention.lines import pattern_mask
 from loopserve.attention.loopserve import LoopServePrefill
 from loopserve.bench.runner import load_selection
 from loopserve.engine import Engine
+from loopserve.engine.registry import parse_knobs
 from loopserve.engine.turn import common_prefix
 from loopserve.models import load_model
 from loopserve.threads import configure as configure_threads
@@ -117,8 +118,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/phase1-coverage.json")
     args = ap.parse_args()
     configure_threads(args.threads)
-    knobs = dict(kv.split("=", 1) for kv in args.knobs.split(",") if kv)
-    knobs = {k: float(v) if "." in v else int(v) for k, v in knobs.items()}
+    knobs = parse_knobs([kv for kv in args.knobs.split(",") if kv])
+    probe = CoverageProbe(**knobs)  # its dense_last and full configuration
     answers = {}
     with open(args.results, encoding="utf-8") as fh:
         for line in fh:
@@ -128,7 +129,7 @@ def main() -> None:
     convs = load_selection(Path(args.data), ["turn_recall"], args.limit)["turn_recall"]
     engine = Engine(load_model(args.model, dtype=args.dtype), method="dense")
     tok = engine.tokenizer
-    dense_last = knobs.get("dense_last", LoopServePrefill.dense_last)
+    dense_last = probe.dense_last
     # per (position, region, layer): lists of per-row means; per (layer, kv head): question rows
     agg: dict = defaultdict(list)
     heads: dict = defaultdict(list)
@@ -192,7 +193,7 @@ def main() -> None:
             print(f"{conv['id']} {pos}: question rows {q_a - off}-{q_b - off} of {n}", file=sys.stderr, flush=True)
     layers = sorted({k[3] for k in agg})
     positions = args.positions.split(",")
-    summary = {"knobs": knobs, "config": dataclasses.asdict(CoverageProbe(**knobs)),
+    summary = {"knobs": knobs, "config": dataclasses.asdict(probe),
                "conversations": len(convs), "positions": positions, "cases": cases, "by_region": {}, "heads": []}
     for (pos, region, key, L), vals in agg.items():
         summary["by_region"].setdefault(pos, {}).setdefault(region, {}).setdefault(key, {})[L] = sum(vals) / len(vals)

@@ -241,6 +241,20 @@ def _comparisons(records: list[dict], methods: list[str], positions: list[str], 
     return out
 
 
+def dataset_signal(records: list[dict], reference: str, datasets: Sequence[str]) -> dict[str, dict]:
+    """Per dataset, whether ``reference``'s score clearly beats a content-free answer (the
+    lower end of its 95% interval above the best trivial answerer's score)."""
+    signal = {}
+    for d in datasets:
+        ref_recs = [r for r in records if r["dataset"] == d and r["method"] == reference]
+        trivial = trivial_baseline(ref_recs)
+        e = macro_estimate(ref_recs, lambda r: r["score"])
+        signal[d] = {"trivial_answerer": trivial["answerer"], "trivial_score": trivial["score"],
+                     "method": ref_recs[0]["method"] if ref_recs else None, "score_ci": _est(e),
+                     "signal": bool(e is not None and e.lo > trivial["score"])}
+    return signal
+
+
 def summarize(records: list[dict], reference: str = "dense", source: str = "",
               focus: Sequence[str] | None = None) -> dict:
     """Everything the report shows, as plain JSON-able data (written as summary.json).
@@ -299,14 +313,7 @@ def summarize(records: list[dict], reference: str = "dense", source: str = "",
                     by_dependency.append({"dependency": dep, "position": pos, "method": m, "turns": len(recs),
                                           **_intervals(recs, pairing, m == reference)})
 
-    signal = {}
-    for d in datasets:
-        ref_recs = [r for r in records if r["dataset"] == d and r["method"] == (reference if ref_index else methods[0])]
-        trivial = trivial_baseline(ref_recs)
-        e = macro_estimate(ref_recs, lambda r: r["score"])
-        signal[d] = {"trivial_answerer": trivial["answerer"], "trivial_score": trivial["score"],
-                     "method": ref_recs[0]["method"] if ref_recs else None, "score_ci": _est(e),
-                     "signal": bool(e is not None and e.lo > trivial["score"])}
+    signal = dataset_signal(records, methods[0], datasets)
 
     focus = [m for m in (focus if focus is not None else [m for m in methods if "loopserve" in m]) if m in methods]
 
@@ -671,9 +678,11 @@ def write_report(results: str | os.PathLike | Sequence[str | os.PathLike], out_d
         if not datasets:
             raise BenchError("--datasets: no dataset named")
         present = sorted({r["dataset"] for r in records})
-        if list(datasets) == ["signal"]:
-            signal = summarize(records, reference=reference, source=source)["signal"]
-            datasets = [d for d in present if signal.get(d, {}).get("signal")]
+        if selection == "signal":
+            methods_present = list(dict.fromkeys(r["method"] for r in records))
+            ref = reference if reference in methods_present else methods_present[0]  # as summarize does
+            signal = dataset_signal(records, ref, present)
+            datasets = [d for d in present if signal[d]["signal"]]
             if not datasets:
                 raise BenchError("--datasets signal: no dataset has the reference clearly above a trivial answer")
         unknown = [d for d in datasets if d not in present]
