@@ -36,14 +36,8 @@ $L bench run --methods minference+dense $B --out $R/results-prefill.jsonl
 # the phase ablation: Phase 1 alone, Phase 2 alone
 $L bench run --methods loopserve+dense $B --out $R/results-prefill.jsonl
 $L bench run --methods dense+loopserve $B --out $R/results-decode-alone.jsonl
-# MInference's published sizes (1,000 columns, 6,096 diagonals) are dense at 4k (the line
-# above it measured that); at a density near LoopServe's later turns (about 0.2):
-$L bench run --methods minference-400=minference+dense --knob minference-400:vertical_size=400 \
-    --knob minference-400:slash_size=400 $B --out $R/results-prefill.jsonl
 $L bench run --datasets turn_recall --methods snapkv,adakv --knob budget=1024 ${B/--limit 3/--limit 6} \
     --out $R/results-turn-recall.jsonl
-# the remaining baselines of the issue, the same KV budget (1,024)
-$L bench run --methods pyramidkv,h2o --knob budget=1024 $B --out $R/results-kv-baselines.jsonl
 # alpha, B and n_d one at a time on the retrieval-heavy datasets
 $L bench run --datasets passkey,squad_multi,nq,turn_recall \
     --methods a08=loopserve,a09=loopserve,b256=loopserve,b512=loopserve,b2048=loopserve,nd4=loopserve,nd64=loopserve \
@@ -51,6 +45,12 @@ $L bench run --datasets passkey,squad_multi,nq,turn_recall \
     --knob nd4:n_d=4 --knob nd64:n_d=64 $B --out $R/results-ablation.jsonl
 $L bench sensitivity --results $R/results-dense.jsonl $R/results-loopserve.jsonl $R/results-ablation.jsonl \
     --speed $R/knob-speed.json --out $R/sensitivity
+# the remaining baselines of the issue, the same KV budget (1,024)
+$L bench run --methods pyramidkv,h2o --knob budget=1024 $B --out $R/results-kv-baselines.jsonl
 # the prefill baselines' shapes, each with dense decoding; a local window of 1,024 (their
 # defaults, sized for 128k prompts, would be dense at 4k)
 $L bench run --methods ashape+dense,trishape+dense --knob local=1024 $B --out $R/results-prefill.jsonl
+# MInference's published sizes (1,000 columns, 6,096 diagonals) are dense at 4k (the
+# minference+dense run above measured that); at a density near LoopServe's later turns (about 0.2):
+$L bench run --methods minference-400=minference+dense --knob minference-400:vertical_size=400 \
+    --knob minference-400:slash_size=400 $B --out $R/results-prefill.jsonl

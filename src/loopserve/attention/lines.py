@@ -300,8 +300,9 @@ def greedy_cover(
     updated with one vectorised scatter, and the next round starts. Rounds = kind
     alternations, from a few dozen to several hundred on real activations. Gains are
     fp64. Where the native kernels of :mod:`loopserve.native` build, the rounds
-    run in C (the same rule, ~10-20 us a round); otherwise on numpy views (~40 small
-    numpy ops, ~150-300 us a round on the 2-core box).
+    run in C (the same rule; a lazy heap per kind, so a round costs the lines it takes,
+    not a scan of all gains); otherwise on numpy views (~40 small numpy ops, ~150-300 us
+    a round on the 2-core box).
     """
     with intra_op_threads(1):  # hundreds of tiny ops: no gain from threads (see helper)
         return _greedy_cover(A, pos, alpha, max_lines, forced_vertical, forced_slash, eps)
@@ -321,20 +322,25 @@ def _greedy_cover(
     if int(pos.max()) >= N or int(pos.min()) < 0:
         raise ValueError("row positions must lie in 0..N-1")
 
-    A = A.float()
+    A = A.float().contiguous()
     cols = torch.arange(N)
     rows = torch.arange(s)
+    native = _native_greedy()
     # gain[b, 0, j]: marginal mass of vertical j; gain[b, 1, o]: of slash o (-inf once taken).
     # Initial masses are accumulated in fp64 (exact sums of the fp32 cells, so that a
-    # fully covered line ends at ~1e-16, not at fp32 round-off), a few rows at a time to
-    # keep temporaries small. Slash o of row r is the cell (r, pos_r - o).
+    # fully covered line ends at ~1e-16, not at fp32 round-off). Slash o of row r is the
+    # cell (r, pos_r - o).
     gain = torch.zeros(B, 2, N, dtype=torch.float64)
-    for a in range(0, s, 16):
-        p = pos[a : a + 16, None]
-        chunk = A[:, a : a + 16] if causal_zero else A[:, a : a + 16].masked_fill(cols[None, :] > p, 0.0)
-        gain[:, 0] += chunk.sum(1, dtype=torch.float64)
-        by_offset = chunk.gather(2, (p - cols[None, :]).clamp_min(0).expand(B, -1, N))
-        gain[:, 1] += by_offset.masked_fill(cols[None, :] > p, 0.0).sum(1, dtype=torch.float64)
+    if native is not None:
+        pos_c = pos.contiguous()
+        native.greedy_line_mass(A.data_ptr(), pos_c.data_ptr(), B, s, N, gain.data_ptr())
+    else:
+        for a in range(0, s, 16):  # a few rows at a time keeps temporaries small
+            p = pos[a : a + 16, None]
+            chunk = A[:, a : a + 16] if causal_zero else A[:, a : a + 16].masked_fill(cols[None, :] > p, 0.0)
+            gain[:, 0] += chunk.sum(1, dtype=torch.float64)
+            by_offset = chunk.gather(2, (p - cols[None, :]).clamp_min(0).expand(B, -1, N))
+            gain[:, 1] += by_offset.masked_fill(cols[None, :] > p, 0.0).sum(1, dtype=torch.float64)
     # The rounds are many tiny steps on (B, 2, N) arrays: numpy on zero-copy views costs
     # ~1 us per step where a torch op costs ~5-10 us.
     gain_np = gain.numpy()
@@ -390,7 +396,6 @@ def _greedy_cover(
     lines_left = np.full(B, max_lines if max_lines is not None else 2 * N + 1, dtype=np.int64)
     heads = np.arange(B)
     rounds = 0
-    native = _native_greedy()
     if native is not None:
         # The same rounds in C (one call; the numpy loop below costs ~40 small ops a round).
         cap = 2 * B * N
@@ -401,12 +406,12 @@ def _greedy_cover(
         tol_c = np.ascontiguousarray(tol, dtype=np.float64)
         A_c = np.ascontiguousarray(A_np, dtype=np.float32)
         pos_c = np.ascontiguousarray(pos_np, dtype=np.int64)
-        scr, work = np.empty(2 * N), np.empty(3 * B)
-        rounds = native(
+        heap, work = np.empty(4 * N), np.empty(3 * B)  # two heaps of N (gain, line) entries
+        rounds = native.greedy_rounds(
             gain_np.ctypes.data, chosen.ctypes.data, A_c.ctypes.data, pos_c.ctypes.data, B, s, N,
             covered.ctypes.data, target.ctypes.data, tol_c.ctypes.data, lines_left.ctypes.data,
             lb.ctypes.data, lk.ctypes.data, lx.ctypes.data, lg.ctypes.data, ctypes.byref(n_log),
-            scr.ctypes.data, work.ctypes.data,
+            heap.ctypes.data, work.ctypes.data,
         )
         k = n_log.value
         if k:
@@ -457,9 +462,9 @@ def _greedy_cover(
 
 
 def _native_greedy():
-    """The C version of the greedy rounds (loopserve/native/greedy_cover.c), or None."""
-    kernels = native_kernels()
-    return kernels.greedy_rounds if kernels is not None else None
+    """The native kernels whose C greedy (loopserve/native/greedy_cover.c) replaces the numpy
+    rounds, or None."""
+    return native_kernels()
 
 
 # --------------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ class NativeKernels:
     slash_supported: Callable[[int, int], int]
     slash_scratch_floats: Callable[[int, int], int]
     greedy_rounds: Callable[..., int]
+    greedy_line_mass: Callable[..., None]
 
 
 _lock = threading.Lock()
@@ -119,7 +120,9 @@ def _bind(lib: ctypes.CDLL, path: Path) -> NativeKernels:
     greedy = lib.greedy_rounds
     greedy.restype = i64
     greedy.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
-    return NativeKernels(path, slash, supported, scratch, greedy)
+    mass = lib.greedy_line_mass
+    mass.restype, mass.argtypes = None, [ptr, ptr, i64, i64, i64, ptr]
+    return NativeKernels(path, slash, supported, scratch, greedy, mass)
 
 
 def source_dir() -> Path:
