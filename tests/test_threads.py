@@ -104,8 +104,8 @@ def test_native_kernel_workers_come_from_the_budget_not_the_scoped_count(restore
     """sparse_prefill_attention runs its bookkeeping on one torch thread; the native
     kernel's row ranges still spread over the whole budget."""
     sizes = []
-    real = sparse_module._thread_pool
-    monkeypatch.setattr(sparse_module, "_thread_pool", lambda size: sizes.append(size) or real(size))
+    real = threads._worker_pool
+    monkeypatch.setattr(threads, "_worker_pool", lambda size: sizes.append(size) or real(size))
     n = N = 256
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(2, n, 64, generator=g), torch.randn(1, N, 64, generator=g), torch.randn(1, N, 64, generator=g)
@@ -127,3 +127,32 @@ def test_engine_takes_threads(restore_budget, tiny_models):
     with pytest.raises(ValueError, match="threads must be at least 1, got 0"):
         Engine(tiny_models["tiny-llama"], threads=0)
     assert threads.budget() == 3
+
+
+def test_parallel_map_keeps_order_mode_and_errors(restore_budget):
+    """Results in the items' order, computed on the pool's threads with one intra-op thread
+    each and the caller's inference mode (an in-place write to an inference tensor from a
+    worker would fail without it); an item's exception reaches the caller."""
+    threads.configure(2)
+    names, counts = set(), set()
+
+    def square(x):
+        names.add(threading.current_thread().name)
+        counts.add(torch.get_num_threads())
+        return x * x
+
+    assert threads.parallel_map(square, list(range(20))) == [x * x for x in range(20)]
+    assert any(name.startswith("loopserve-worker") for name in names) and counts == {1}
+    with torch.inference_mode():
+        out = torch.zeros(4)
+        threads.parallel_map(lambda i: out[i : i + 1].fill_(i), range(4))
+    assert out.tolist() == [0, 1, 2, 3]
+
+    def boom(x):
+        if x == 3:
+            raise ValueError("item 3")
+        return x
+
+    with pytest.raises(ValueError, match="item 3"):
+        threads.parallel_map(boom, range(6))
+    assert threads.parallel_map(square, [3], workers=4) == [9]  # one item: in the caller's thread

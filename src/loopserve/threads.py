@@ -4,8 +4,7 @@
 by default to the physical cores this process may use. The budget goes to
 
 - torch's intra-op threads (``torch.set_num_threads``);
-- the native kernels' worker threads (:func:`budget`, read by
-  :mod:`loopserve.attention.sparse`);
+- the worker threads of :func:`parallel_map` (the native kernels, Phase 1's selection);
 - the Hugging Face tokenizers' Rust thread pool (``RAYON_NUM_THREADS``; with a budget of
   one thread ``TOKENIZERS_PARALLELISM=false``);
 - subprocesses, through ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS``.
@@ -24,12 +23,15 @@ from __future__ import annotations
 
 import numbers
 import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import psutil
 import torch
 
-__all__ = ["budget", "check_threads", "configure", "ensure_configured", "intra_op_threads", "physical_cores"]
+__all__ = ["budget", "check_threads", "configure", "ensure_configured", "intra_op_threads", "parallel_map", "physical_cores"]
 
 _SUBPROCESS_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 _RAYON_VAR = "RAYON_NUM_THREADS"  # the tokenizers' thread pool (read when it starts)
@@ -125,3 +127,50 @@ def intra_op_threads(n: int):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def _worker_pool(size: int) -> ThreadPoolExecutor:
+    """The process's worker pool, ``size`` threads; rebuilt when the size changes."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != size:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="loopserve-worker")
+            _pool_size = size
+        return _pool
+
+
+def parallel_map(fn: Callable, items: Sequence, workers: int | None = None) -> list:
+    """``[fn(x) for x in items]``, on up to ``workers`` (default: the budget) threads of one
+    shared pool; the results keep the items' order.
+
+    For work that releases the GIL (ctypes calls, torch ops) split into several items per
+    worker: each worker takes the next item when it is free, so if another process holds
+    a core, the other workers pick up the rest instead of everyone waiting for it. Items
+    run with one torch intra-op thread each (the parallelism is across items; threads
+    inside them would only add OpenMP barriers) and the caller's autograd mode (inference
+    or no-grad: thread-local in torch). Exceptions propagate.
+    """
+    n = len(items)
+    workers = min(budget() if workers is None else workers, n)
+    if workers <= 1:
+        with intra_op_threads(1):
+            return [fn(x) for x in items]
+    results: list = [None] * n
+    pending = iter(range(n))  # shared: next() on a range iterator is atomic under the GIL
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def drain() -> None:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad), intra_op_threads(1):
+            for i in pending:
+                results[i] = fn(items[i])
+
+    for done in [_worker_pool(workers).submit(drain) for _ in range(workers)]:
+        done.result()
+    return results

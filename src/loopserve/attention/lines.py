@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..native import native_kernels
-from ..threads import intra_op_threads
+from ..threads import intra_op_threads, parallel_map
 
 __all__ = [
     "CoverResult",
@@ -219,22 +219,26 @@ def probe_attention(
     s = len(rows)
     A = torch.empty(H if per_query_head else Hkv, s, N)
     # A group of rows at a time: a group only needs the keys up to its last row (about
-    # 2/3 of the work without history), and its scores stay small.
-    for a in range(0, s, group):
+    # 2/3 of the work without history), and its scores stay small. Groups and heads are
+    # independent items for the worker threads (each writes its own block of A).
+
+    def attend(item: tuple[int, int]) -> None:
+        a, h = item
         b = min(s, a + group)
         end = int(pos[b - 1]) + 1
         first = int(pos[a]) + 1  # keys before this are causal for every row of the group
-        A[:, a:b, end:] = 0.0
-        noncausal = torch.arange(first, end)[None, :] > pos[a:b, None]
-        for h in range(Hkv):
-            qp = q[h * G : (h + 1) * G, rows[a:b]].float().reshape(-1, D)
-            sc = (qp @ k[h, :end].float().T).mul_(scale).view(G, b - a, end)
-            sc[:, :, first:].masked_fill_(noncausal, float("-inf"))
-            sc = torch.softmax(sc, dim=-1)
-            if per_query_head:
-                A[h * G : (h + 1) * G, a:b, :end] = sc
-            else:
-                torch.sum(sc, 0, out=A[h, a:b, :end])
+        qp = q[h * G : (h + 1) * G, rows[a:b]].float().reshape(-1, D)
+        sc = (qp @ k[h, :end].float().T).mul_(scale).view(G, b - a, end)
+        sc[:, :, first:].masked_fill_(torch.arange(first, end)[None, :] > pos[a:b, None], float("-inf"))
+        sc = torch.softmax(sc, dim=-1)
+        if per_query_head:
+            A[h * G : (h + 1) * G, a:b, :end] = sc
+            A[h * G : (h + 1) * G, a:b, end:] = 0.0
+        else:
+            torch.sum(sc, 0, out=A[h, a:b, :end])
+            A[h, a:b, end:] = 0.0
+
+    parallel_map(attend, [(a, h) for a in range(0, s, group) for h in range(Hkv)])
     return A, pos
 
 
@@ -589,45 +593,63 @@ def spike_columns(
     grid = spike_rows(n, stride, offset)
     win = torch.arange(-min(local, N) + 1, 1)  # offsets of the local window
     col_idx = torch.arange(end)
-    out = []
+    heads = []  # per KV head: its keys (fp32), the transposed keys to score, the rows to test
     for h in range(Hkv):
         kh = k[h].float()
-        khT = kh[:end].T.contiguous().expand(G, -1, -1)
-        best = torch.full((end,), float("-inf"))  # per column: max over tested rows of score - threshold
-        capped = torch.zeros(end, dtype=torch.bool)  # the strongest columns of diffuse rows
         rows = grid
         if outliers > 0:
             rows = torch.cat([grid, outlier_rows(q[h * G : (h + 1) * G], outliers)]).unique()
-        for a in range(0, len(rows), row_chunk):
-            r = rows[a : a + row_chunk]
-            pos = N - n + r  # absolute positions of these rows
-            qs = q[h * G : (h + 1) * G, r].float() * scale  # (G, r, D)
-            # Log-sum-exp over each row's sinks + local window, from those keys alone.
-            idx = pos[:, None] + win[None, :]  # (r, L)
-            loc = torch.einsum("grd,rld->grl", qs, kh[idx.clamp_min(0)]).masked_fill(idx < 0, float("-inf"))
-            parts = [loc]
-            if sinks:
-                sink_keys = kh[: min(sinks, N)]
-                # a sink inside the local window is already counted there
-                early = torch.arange(len(sink_keys))[None, :] > (pos[:, None] - len(win))
-                parts.append((qs @ sink_keys.T).masked_fill(early, float("-inf")))
-            threshold = torch.logsumexp(torch.cat(parts, -1), -1, keepdim=True) + log_tau  # (G, r, 1)
-            # score - threshold in one batched matmul, reduced over the group's query heads
-            # (chunks of rows small enough that the scores stay in cache while reduced)
-            over = torch.baddbmm(-threshold, qs, khT).amax(0)  # (r, end)
-            # a row may reach columns before its local window only (causal, not already held)
-            over.masked_fill_((col_idx[None, :] > (pos - len(win))[:, None]) | (col_idx < sinks)[None, :], float("-inf"))
-            if row_cap > 0:
-                diffuse = (over >= 0).sum(1) > row_cap
-                if bool(diffuse.any()):
-                    capped[over[diffuse].topk(min(row_cap, end), dim=1).indices.flatten()] = True
-                    over = over[~diffuse]
-            if len(over):
-                best = torch.maximum(best, over.amax(0))
+        heads.append((kh, kh[:end].T.contiguous().expand(G, -1, -1), rows))
+
+    def test_rows(item: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """For rows a..a+row_chunk of head h's tested rows: per column, the max over them of
+        score - threshold, and the strongest columns of its diffuse rows (if capped)."""
+        h, a = item
+        kh, khT, rows = heads[h]
+        r = rows[a : a + row_chunk]
+        pos = N - n + r  # absolute positions of these rows
+        qs = q[h * G : (h + 1) * G, r].float() * scale  # (G, r, D)
+        # Log-sum-exp over each row's sinks + local window, from those keys alone.
+        idx = pos[:, None] + win[None, :]  # (r, L)
+        loc = torch.einsum("grd,rld->grl", qs, kh[idx.clamp_min(0)]).masked_fill(idx < 0, float("-inf"))
+        parts = [loc]
+        if sinks:
+            sink_keys = kh[: min(sinks, N)]
+            # a sink inside the local window is already counted there
+            early = torch.arange(len(sink_keys))[None, :] > (pos[:, None] - len(win))
+            parts.append((qs @ sink_keys.T).masked_fill(early, float("-inf")))
+        threshold = torch.logsumexp(torch.cat(parts, -1), -1, keepdim=True) + log_tau  # (G, r, 1)
+        # score - threshold in one batched matmul, reduced over the group's query heads
+        # (chunks of rows small enough that the scores stay in cache while reduced)
+        over = torch.baddbmm(-threshold, qs, khT).amax(0)  # (r, end)
+        # a row may reach columns before its local window only (causal, not already held)
+        over.masked_fill_((col_idx[None, :] > (pos - len(win))[:, None]) | (col_idx < sinks)[None, :], float("-inf"))
+        capped = None
+        if row_cap > 0:
+            diffuse = (over >= 0).sum(1) > row_cap
+            if bool(diffuse.any()):
+                capped = over[diffuse].topk(min(row_cap, end), dim=1).indices.flatten()
+                over = over[~diffuse]
+        return (over.amax(0) if len(over) else None), capped
+
+    # (head, chunk of rows) items in parallel: one matmul each, too small to split further
+    items = [(h, a) for h in range(Hkv) for a in range(0, len(heads[h][2]), row_chunk)]
+    found = parallel_map(test_rows, items)
+    out = []
+    for h in range(Hkv):
+        best = torch.full((end,), float("-inf"))  # per column: max over tested rows of score - threshold
+        capped = torch.zeros(end, dtype=torch.bool)  # the strongest columns of diffuse rows
+        for (item_head, _), (colmax, strongest) in zip(items, found):
+            if item_head != h:
+                continue
+            if colmax is not None:
+                best = torch.maximum(best, colmax)
+            if strongest is not None:
+                capped[strongest] = True
         cols = best >= 0
         if dilate > 0 and bool(cols.any()):
-            found = cols.nonzero().flatten()
-            around = (found[:, None] + torch.arange(-dilate, dilate + 1)[None, :]).flatten()
+            hits = cols.nonzero().flatten()
+            around = (hits[:, None] + torch.arange(-dilate, dilate + 1)[None, :]).flatten()
             cols[around[(around >= sinks) & (around < end)]] = True
         out.append((cols | capped).nonzero().flatten())
     return out
@@ -678,14 +700,15 @@ def select_lines(
         else torch.as_tensor(probe_idx, dtype=torch.long).unique()
     )
     forced_vertical, forced_slash = torch.arange(min(sinks, N)), torch.arange(min(local, N))
-    # Single-threaded on purpose: the probe is ~30 ms of small matmuls on one core and the
-    # greedy is hundreds of tiny steps; on a machine shared with other work, extra threads
-    # cost far more in barrier waits than they save (measured 10x; see loopserve.threads).
+    # One intra-op thread: the probe's small matmuls spread over the budget as separate
+    # items (parallel_map) and the greedy is one C call; on a machine shared with other
+    # work, threads inside small ops cost far more in barrier waits than they save
+    # (measured 10x; see loopserve.threads).
     with intra_op_threads(1):
         A, pos = probe_attention(q, k, rows, per_query_head=per_query_head, scale=scale)
         cover = _greedy_cover(A, pos, alpha, None, forced_vertical, forced_slash, 1e-12, causal_zero=True)
         floor_rounds = _raise_row_floor(A, pos, cover, row_floor) if row_floor > 0 else 0
-    if spike_tau > 0:  # a plain matmul per head group: the thread budget pays off here
+    if spike_tau > 0:
         if per_query_head:
             raise ValueError("spike_tau needs per-KV-head patterns")
         spikes = spike_columns(q, k, tau=spike_tau, sinks=sinks, local=local, stride=spike_stride, offset=seed,

@@ -52,7 +52,10 @@ class LoopServePrefill(PrefillMethod):
     sinks: int = 4
     local: int = 64
     min_keys: int = 2048  # dense below this many keys (where sparse pays: docs/benchmarks.md, "Where sparse prefill starts to pay")
-    min_new: int = 128  # dense for fewer new rows than this
+    # Dense for fewer new rows than this: below it the probe rows and the dense last rows
+    # are a quarter of the rows or more, and sparse was measured slower than dense
+    # (docs/benchmarks.md, "Where sparse prefill starts to pay").
+    min_new: int = 512
     seed: int = 0
     recall_rows: int = 0  # >0: measure recall on this many held-out rows (diagnostics only)
     # Every probe row gets at least this fraction of its own mass covered (0: off), on top

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +52,7 @@ import torch.nn.functional as F
 
 from ..kernels import choose_backend
 from ..native import native_kernels
-from ..threads import budget, intra_op_threads
+from ..threads import budget, intra_op_threads, parallel_map
 from .backends import triton_sparse_prefill
 from .lines import LinePattern
 
@@ -82,23 +81,6 @@ _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 # Python threads. Without a compiler, or with ``LOOPSERVE_NATIVE=0``, the pure-torch
 # path is used; both give the same result up to fp32 rounding (the kernel's exp is a
 # ~1 ulp polynomial).
-
-_pool_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-
-
-def _thread_pool(size: int) -> ThreadPoolExecutor:
-    """The native kernel's pool, ``size`` (the thread budget) threads; rebuilt when it changes."""
-    global _pool, _pool_size
-    with _pool_lock:
-        if _pool is None or _pool_size != size:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="loopserve-slash")
-            _pool_size = size
-        return _pool
-
 
 def _native_usable(D: int, G: int = 1) -> bool:
     kernels = native_kernels()
@@ -345,8 +327,8 @@ def _native_part(qb, kT, vT, kvert, vvert, plan: _HeadPlan, p0, scale, threads):
     ``kT``/``vT``: padded K/V, fp32, transposed ``(D, keys)``; ``kvert``/``vvert``: the
     verticals' K/V rows, fp32 ``(nv, D)``. The kernel reads transposed queries
     ``(G, D, rows)`` (rows in vector lanes) and writes the output as ``(G, rows, D)``.
-    16-row blocks are split over up to ``threads`` (the thread budget) Python threads of
-    one shared pool (ctypes releases the GIL).
+    16-row blocks are split over up to ``threads`` (the thread budget) workers of
+    :func:`loopserve.threads.parallel_map` (ctypes releases the GIL).
     """
     G, R, D = qb.shape
     kernels = native_kernels()
@@ -359,8 +341,7 @@ def _native_part(qb, kT, vT, kvert, vvert, plan: _HeadPlan, p0, scale, threads):
     out = torch.empty(G, Rq, D)
     lse = torch.empty(G, Rq)
     workers = max(1, min(threads, Rq // 64))
-    # Several small row ranges per worker, taken dynamically: if another process holds a
-    # core, the other worker picks up the rest instead of everyone waiting for it.
+    # several small row ranges per worker, taken dynamically (see parallel_map)
     step = Rq if workers == 1 else max(64, -(-Rq // (4 * workers * 16)) * 16)
     ranges = [(a, min(Rq, a + step)) for a in range(0, Rq, step)]
     local = threading.local()
@@ -373,17 +354,7 @@ def _native_part(qb, kT, vT, kvert, vvert, plan: _HeadPlan, p0, scale, threads):
            kvert.data_ptr(), vvert.data_ptr(), vkey.data_ptr(), len(vkey), G, D, p0, plan.pad_front, rows[0], rows[1],
            local.scratch.data_ptr(), out.data_ptr(), lse.data_ptr())
 
-    if workers == 1:
-        run(ranges[0])
-    else:
-        pending = iter(ranges)  # shared: each worker takes the next range when it is free
-
-        def drain() -> None:
-            for rows in pending:
-                run(rows)
-
-        for done in [_thread_pool(threads).submit(drain) for _ in range(workers)]:
-            done.result()
+    parallel_map(run, ranges, workers)
     lse = lse[:, :R]
     return out[:, :R], lse, ~torch.isinf(lse[0])
 
