@@ -156,3 +156,6 @@ def test_parallel_map_keeps_order_mode_and_errors(restore_budget):
     with pytest.raises(ValueError, match="item 3"):
         threads.parallel_map(boom, range(6))
     assert threads.parallel_map(square, [3], workers=4) == [9]  # one item: in the caller's thread
+    # an item that maps again runs its items itself (the pool could be all busy waiting)
+    nested = threads.parallel_map(lambda x: sum(threads.parallel_map(square, range(x))), list(range(8)))
+    assert nested == [sum(i * i for i in range(x)) for x in range(8)]

@@ -25,7 +25,7 @@ import numbers
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 
 import psutil
@@ -132,6 +132,7 @@ def intra_op_threads(n: int):
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_in_worker = threading.local()  # set while a pool thread runs parallel_map items
 
 
 def _worker_pool(size: int) -> ThreadPoolExecutor:
@@ -159,7 +160,7 @@ def parallel_map(fn: Callable, items: Sequence, workers: int | None = None) -> l
     """
     n = len(items)
     workers = min(budget() if workers is None else workers, n)
-    if workers <= 1:
+    if workers <= 1 or getattr(_in_worker, "active", False):  # nested: the pool may be all busy waiting
         with intra_op_threads(1):
             return [fn(x) for x in items]
     results: list = [None] * n
@@ -167,10 +168,16 @@ def parallel_map(fn: Callable, items: Sequence, workers: int | None = None) -> l
     inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
 
     def drain() -> None:
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad), intra_op_threads(1):
-            for i in pending:
-                results[i] = fn(items[i])
+        _in_worker.active = True
+        try:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad), intra_op_threads(1):
+                for i in pending:
+                    results[i] = fn(items[i])
+        finally:
+            _in_worker.active = False
 
-    for done in [_worker_pool(workers).submit(drain) for _ in range(workers)]:
-        done.result()
+    futures = [_worker_pool(workers).submit(drain) for _ in range(workers)]
+    wait(futures)  # all of them, even after a failure: none may still write when this returns
+    for done in futures:
+        done.result()  # the first exception, if any
     return results

@@ -45,3 +45,26 @@ def test_invalid_phase1_knobs(knobs, msg):
 
     with pytest.raises(ValueError, match=msg):
         resolve_method("loopserve", knobs)
+
+
+def test_dense_layers_attend_densely(tiny_models):
+    """`dense_first_layers` / `dense_last_layers` make whole layers dense: all of them is dense
+    attention token for token, one of them raises the density between sparse's and 1."""
+    engine = Engine(tiny_models["tiny-llama"])
+    layers = engine.num_layers
+    assert layers >= 2
+
+    def run(knobs):
+        s = engine.new_session(method="loopserve+dense", knobs={**FORCE_SPARSE, "alpha": 0.5, **knobs})
+        return s.chat(TEXT, SamplingParams(max_new_tokens=8))
+
+    dense = engine.new_session().chat(TEXT, SamplingParams(max_new_tokens=8))
+    for knobs in ({"dense_first_layers": layers}, {"dense_last_layers": layers}):
+        r = run(knobs)
+        assert r.token_ids == dense.token_ids and r.stats.extra["prefill_density"] == 1.0
+    ids = engine.encode_messages([{"role": "user", "content": TEXT}])
+    for knobs, dense_at in (({"dense_first_layers": 1}, {0}), ({"dense_last_layers": 1}, {layers - 1})):
+        s = engine.new_session(method="loopserve+dense", knobs={**FORCE_SPARSE, "alpha": 0.5, **knobs})
+        per_layer = s.prefill(ids).stats["prefill_density"]
+        assert len(per_layer) == layers
+        assert {i for i, d in enumerate(per_layer) if d == 1.0} == dense_at

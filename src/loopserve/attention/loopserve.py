@@ -88,6 +88,12 @@ class LoopServePrefill(PrefillMethod):
     # cost; `dense_first` does the same for the first rows.
     dense_last: int = 64
     dense_first: int = 0
+    # Whole layers that attend densely: the first `dense_first_layers` (a miss there changes
+    # the hidden states, so the keys and values, of every later layer, and the next turns
+    # read them from the cache) and the last `dense_last_layers` (where the selection keeps
+    # least of a question's mass).
+    dense_first_layers: int = 0
+    dense_last_layers: int = 0
 
     def validate(self) -> None:
         if not isinstance(self.alpha, (int, float)) or not (0.0 < float(self.alpha) <= 1.0):
@@ -101,7 +107,8 @@ class LoopServePrefill(PrefillMethod):
         for knob in ("stratified", "spike_history_only", "dense_outliers"):
             if getattr(self, knob) not in (0, 1):
                 raise ValueError(f"invalid knob {knob}={getattr(self, knob)!r}: must be 0 or 1")
-        for knob in ("probe", "sinks", "local", "min_keys", "min_new", "seed", "recall_rows", "dense_last", "dense_first", "spike_row_cap"):
+        for knob in ("probe", "sinks", "local", "min_keys", "min_new", "seed", "recall_rows", "dense_last", "dense_first",
+                     "spike_row_cap", "dense_first_layers", "dense_last_layers"):
             check_int_knob(self, knob, 0)
         check_int_knob(self, "spike_stride", 0)
         check_int_knob(self, "spike_dilate", 0)
@@ -119,7 +126,9 @@ class LoopServePrefill(PrefillMethod):
 
     def attend(self, q, k, v, *, layer_idx, scaling, ctx):
         n, N = q.shape[-2], k.shape[-2]
-        if N < self.min_keys or n < self.min_new:
+        dense_layer = layer_idx < self.dense_first_layers or (
+            self.dense_last_layers > 0 and layer_idx >= ctx.num_layers - self.dense_last_layers)
+        if N < self.min_keys or n < self.min_new or dense_layer:
             ctx.record("prefill_density", 1.0)
             return dense_attention(q, k, v, scaling)
         pattern = self.select(q, k, layer_idx=layer_idx, scaling=scaling)
