@@ -176,7 +176,10 @@ def parallel_map(fn: Callable, items: Sequence, workers: int | None = None) -> l
         finally:
             _in_worker.active = False
 
-    futures = [_worker_pool(workers).submit(drain) for _ in range(workers)]
+    # The pool keeps the budget's size (a call with fewer items uses fewer of its threads):
+    # rebuilt only when the budget changes, not per call.
+    pool = _worker_pool(max(budget(), workers))
+    futures = [pool.submit(drain) for _ in range(workers)]
     wait(futures)  # all of them, even after a failure: none may still write when this returns
     for done in futures:
         done.result()  # the first exception, if any

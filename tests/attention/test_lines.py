@@ -274,6 +274,34 @@ def test_native_greedy_rounds_match_numpy_rounds(monkeypatch):
     torch.testing.assert_close(native.covered, ref.covered, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("kwargs", [dict(alpha=None, max_lines=40), dict(alpha=0.99, max_lines=7), dict(alpha=0.5)])
+def test_native_greedy_matches_numpy_under_every_stop_rule(monkeypatch, kwargs):
+    """Line caps, no mass target, and exact ties (quantised cells: equal gains everywhere)
+    give the same picks in C as in numpy (ties: the smaller index first)."""
+    from loopserve.attention import lines as lines_module
+
+    if lines_module._native_greedy() is None:
+        pytest.skip("no C compiler for the native kernels")
+    g = torch.Generator().manual_seed(7)
+    s, N, B = 16, 120, 2
+    pos = torch.randperm(N, generator=g)[:s].sort().values
+    A = (torch.rand(B, s, N, generator=g) * 4).floor() / 4  # many equal cells, so equal gains
+    native = greedy_cover(A, pos, **kwargs)
+    monkeypatch.setattr(lines_module, "_native_greedy", lambda: None)
+    ref = greedy_cover(A, pos, **kwargs)
+    assert native.rounds == ref.rounds
+    for b in range(B):
+        assert torch.equal(native.picks[b], ref.picks[b])
+
+
+def test_nan_attention_stops_the_greedy():
+    """A NaN in the probe attention (a broken model) ends the greedy with the forced lines
+    instead of looping: numpy's max is NaN there, and the C heaps refuse NaN gains."""
+    A = torch.full((1, 4, 8), float("nan"))
+    cover = greedy_cover(A, torch.arange(4, 8), alpha=0.9, forced_vertical=[0])
+    assert cover.vertical[0].nonzero().flatten().tolist() == [0] and not cover.slash.any()
+
+
 # -- per-row coverage floor and stratified probe rows -------------------------------------
 
 

@@ -95,3 +95,17 @@ def test_speed_file_replaces_the_records_ratios(tmp_path, capsys):
                  str(tmp_path / "bad.json")]) == 2
     assert "no 'prefill' or 'decode' speed-ups" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_rows_are_averaged_over_the_turns_every_configuration_ran():
+    """The reference and the defaults ran more datasets than the ablation: those turns are
+    left out of every row, so the rows compare like with like."""
+    recs = labelled_records()
+    extra = [rec(label, "nq", "front", 0, 0.0, pred="x", conv="nq-0", method_spec=spec, knobs={},
+                 config={} if label == "dense" else dict(BASE))
+             for label, spec in (("dense", "dense"), ("loopserve", "loopserve"))]
+    s = sensitivity_summary(recs + extra)
+    assert s["datasets"] == ["passkey"] and s["shared_turns"] == 3 and s["records_read"] == len(recs) + 2
+    assert s == {**sensitivity_summary(recs), "records_read": len(recs) + 2}
+    with pytest.raises(BenchError, match="every configuration"):
+        sensitivity_summary(extra + [cfg_rec("a08", "loopserve", {"alpha": 0.8}, 0.0, "passkey-0")])

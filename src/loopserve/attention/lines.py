@@ -326,14 +326,15 @@ def _greedy_cover(
     if int(pos.max()) >= N or int(pos.min()) < 0:
         raise ValueError("row positions must lie in 0..N-1")
 
-    A = A.float().contiguous()
+    A = A.float().cpu().contiguous()  # the rounds run on the CPU (numpy or C)
+    pos = pos.cpu()
     cols = torch.arange(N)
     rows = torch.arange(s)
     native = _native_greedy()
     # gain[b, 0, j]: marginal mass of vertical j; gain[b, 1, o]: of slash o (-inf once taken).
-    # Initial masses are accumulated in fp64 (exact sums of the fp32 cells, so that a
-    # fully covered line ends at ~1e-16, not at fp32 round-off). Slash o of row r is the
-    # cell (r, pos_r - o).
+    # Initial masses are accumulated in fp64 (so that a fully covered line ends near 1e-16,
+    # not at fp32 round-off; the C and torch sums add in different orders, so they agree
+    # to rounding). Slash o of row r is the cell (r, pos_r - o).
     gain = torch.zeros(B, 2, N, dtype=torch.float64)
     if native is not None:
         pos_c = pos.contiguous()
@@ -593,20 +594,10 @@ def spike_columns(
     grid = spike_rows(n, stride, offset)
     win = torch.arange(-min(local, N) + 1, 1)  # offsets of the local window
     col_idx = torch.arange(end)
-    heads = []  # per KV head: its keys (fp32), the transposed keys to score, the rows to test
-    for h in range(Hkv):
-        kh = k[h].float()
-        rows = grid
-        if outliers > 0:
-            rows = torch.cat([grid, outlier_rows(q[h * G : (h + 1) * G], outliers)]).unique()
-        heads.append((kh, kh[:end].T.contiguous().expand(G, -1, -1), rows))
 
-    def test_rows(item: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """For rows a..a+row_chunk of head h's tested rows: per column, the max over them of
-        score - threshold, and the strongest columns of its diffuse rows (if capped)."""
-        h, a = item
-        kh, khT, rows = heads[h]
-        r = rows[a : a + row_chunk]
+    def test_rows(kh: torch.Tensor, khT: torch.Tensor, h: int, r: torch.Tensor):
+        """For rows ``r`` of head ``h``: per column, the max over them of score - threshold,
+        and the strongest columns of its diffuse rows (if capped)."""
         pos = N - n + r  # absolute positions of these rows
         qs = q[h * G : (h + 1) * G, r].float() * scale  # (G, r, D)
         # Log-sum-exp over each row's sinks + local window, from those keys alone.
@@ -632,16 +623,17 @@ def spike_columns(
                 over = over[~diffuse]
         return (over.amax(0) if len(over) else None), capped
 
-    # (head, chunk of rows) items in parallel: one matmul each, too small to split further
-    items = [(h, a) for h in range(Hkv) for a in range(0, len(heads[h][2]), row_chunk)]
-    found = parallel_map(test_rows, items)
     out = []
-    for h in range(Hkv):
+    for h in range(Hkv):  # one head's keys at a time; its chunks of rows in parallel
+        kh = k[h].float()
+        khT = kh[:end].T.contiguous().expand(G, -1, -1)
+        rows = grid
+        if outliers > 0:
+            rows = torch.cat([grid, outlier_rows(q[h * G : (h + 1) * G], outliers)]).unique()
+        chunks = [rows[a : a + row_chunk] for a in range(0, len(rows), row_chunk)]
         best = torch.full((end,), float("-inf"))  # per column: max over tested rows of score - threshold
         capped = torch.zeros(end, dtype=torch.bool)  # the strongest columns of diffuse rows
-        for (item_head, _), (colmax, strongest) in zip(items, found):
-            if item_head != h:
-                continue
+        for colmax, strongest in parallel_map(lambda r, kh=kh, khT=khT, h=h: test_rows(kh, khT, h, r), chunks):
             if colmax is not None:
                 best = torch.maximum(best, colmax)
             if strongest is not None:

@@ -127,7 +127,7 @@ class LoopServePrefill(PrefillMethod):
     def attend(self, q, k, v, *, layer_idx, scaling, ctx):
         n, N = q.shape[-2], k.shape[-2]
         dense_layer = layer_idx < self.dense_first_layers or (
-            self.dense_last_layers > 0 and layer_idx >= ctx.num_layers - self.dense_last_layers)
+            self.dense_last_layers > 0 and ctx.num_layers > 0 and layer_idx >= ctx.num_layers - self.dense_last_layers)
         if N < self.min_keys or n < self.min_new or dense_layer:
             ctx.record("prefill_density", 1.0)
             return dense_attention(q, k, v, scaling)

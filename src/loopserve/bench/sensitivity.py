@@ -64,11 +64,33 @@ def knob_curves(configs: dict[str, dict]) -> dict[str, dict[str, list[tuple]]]:
     return curves
 
 
+def _turn(r: dict) -> tuple:
+    return r["dataset"], r["conversation"], r["position"], r["turn"]
+
+
+def shared_turns(records: list[dict]) -> list[dict]:
+    """The records of the turns every configuration (label) ran.
+
+    An ablation runs its settings on a few datasets while the reference and the defaults
+    ran on all of them: every row of the table is averaged over the same turns.
+    """
+    by_label: dict[str, set] = {}
+    for r in records:
+        by_label.setdefault(r["method"], set()).add(_turn(r))
+    common = set.intersection(*by_label.values()) if by_label else set()
+    return [r for r in records if _turn(r) in common]
+
+
 def sensitivity_summary(records: list[dict], reference: str = "dense", source: str = "") -> dict:
-    """The report summary plus the configurations and the knob curves."""
-    summary = summarize(records, reference=reference, source=source, focus=[])
+    """The report summary over the turns every configuration ran (:func:`shared_turns`),
+    plus the configurations and the knob curves."""
     configs = _configs(records)
-    return {**summary, "configs": configs, "curves": knob_curves(configs)}
+    shared = shared_turns(records)
+    if not shared:
+        raise BenchError("no turn was run by every configuration: nothing to compare")
+    summary = summarize(shared, reference=reference, source=source, focus=[])
+    return {**summary, "configs": configs, "curves": knob_curves(configs),
+            "shared_turns": len({_turn(r) for r in shared}), "records_read": len(records)}
 
 
 def _row(summary: dict, pos: str, method: str) -> dict | None:
@@ -91,7 +113,9 @@ def render_sensitivity(summary: dict) -> str:
     lines = [
         "# Ablation and sensitivity",
         "",
-        f"From `{summary['source']}`: {summary['records']} turn records on {', '.join(summary['datasets'])}; "
+        f"From `{summary['source']}`: the {summary.get('shared_turns', '')} turns every configuration ran "
+        f"({summary['records']} of {summary.get('records_read', summary['records'])} turn records), on "
+        f"{', '.join(summary['datasets'])}; "
         f"every column relative to `{ref}` is paired on the same turns. Intervals: 95% bootstrap over "
         "conversations. " + (
             f"TTFT × and TPOT × are speed-ups over the reference measured side by side on an idle machine "

@@ -1,10 +1,10 @@
-#include <math.h>
+#include <math.h>  /* isnan, INFINITY */
 #include <stdint.h>
 #include <stdlib.h>
 
 /* Greedy maximum coverage rounds of Phase 1 line selection: the C version of the numpy
-   round loop in loopserve.attention.lines._greedy_cover, which it mirrors exactly (the
-   same lines in the same order with the same gains). Built by loopserve.native.loader.
+   round loop in loopserve.attention.lines._greedy_cover, which it mirrors (the same lines
+   in the same order, gains equal to rounding: sums are taken in another order). Built by loopserve.native.loader.
 
    gain (B, 2, N) fp64: marginal mass of vertical x (kind 0) / slash x (kind 1), -inf once
    taken; chosen (B, 2, N); A (B, s, N) fp32 probe attention; pos (s) row positions.
@@ -42,22 +42,27 @@ static void sift_down(entry *h, int64_t n, int64_t i) {
     h[i] = e;
 }
 
+/* The heap of a kind's untaken lines; -1 if a gain is NaN (the numpy loop's max is then
+   NaN and the head takes nothing). */
 static int64_t build_heap(entry *h, const double *gain, int64_t N) {
     int64_t n = 0;
-    for (int64_t x = 0; x < N; ++x)
+    for (int64_t x = 0; x < N; ++x) {
+        if (isnan(gain[x])) return -1;
         if (gain[x] != -INFINITY) { h[n].g = gain[x]; h[n].x = x; ++n; }
+    }
     for (int64_t i = n / 2 - 1; i >= 0; --i) sift_down(h, n, i);
     return n;
 }
 
-/* Drop taken lines and refresh stale gains at the top; the fresh top's gain (-inf: none). */
+/* Drop taken lines and refresh stale gains at the top; the fresh top's gain (-inf: none).
+   Only a lower gain is stale (gains only fall); a NaN one is returned, and stops the head. */
 static double fresh_top(entry *h, int64_t *n, const double *gain) {
     while (*n > 0) {
         const double cur = gain[h[0].x];
         if (cur == -INFINITY) {
             h[0] = h[--*n];
             sift_down(h, *n, 0);
-        } else if (cur != h[0].g) {
+        } else if (cur < h[0].g) {
             h[0].g = cur;
             sift_down(h, *n, 0);
         } else {
@@ -77,6 +82,7 @@ int64_t greedy_rounds(double *gain, uint8_t *chosen, const float *A, const int64
     for (int64_t b = 0; b < B; ++b) {
         double *gains[2] = {gain + (b * 2) * N, gain + (b * 2 + 1) * N};
         int64_t size[2] = {build_heap(heaps[0], gains[0], N), build_heap(heaps[1], gains[1], N)};
+        if (size[0] < 0 || size[1] < 0) continue;
         const float *Ab = A + b * s * N;
         int64_t runs = 0;
         for (;;) {
