@@ -142,7 +142,7 @@ def test_parallel_map_keeps_order_mode_and_errors(restore_budget):
         return x * x
 
     assert threads.parallel_map(square, list(range(20))) == [x * x for x in range(20)]
-    assert any(name.startswith("loopserve-worker") for name in names) and counts == {1}
+    assert any(name.startswith("loopserve-compute") for name in names) and counts == {1}
     with torch.inference_mode():
         out = torch.zeros(4)
         threads.parallel_map(lambda i: out[i : i + 1].fill_(i), range(4))

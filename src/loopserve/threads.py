@@ -142,7 +142,7 @@ def _worker_pool(size: int) -> ThreadPoolExecutor:
         if _pool is None or _pool_size != size:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="loopserve-worker")
+            _pool = ThreadPoolExecutor(max_workers=size, thread_name_prefix="loopserve-compute")
             _pool_size = size
         return _pool
 

@@ -330,7 +330,7 @@ def _greedy_cover(
     pos = pos.cpu()
     cols = torch.arange(N)
     rows = torch.arange(s)
-    native = _native_greedy()
+    native = _native_kernels()
     # gain[b, 0, j]: marginal mass of vertical j; gain[b, 1, o]: of slash o (-inf once taken).
     # Initial masses are accumulated in fp64 (so that a fully covered line ends near 1e-16,
     # not at fp32 round-off; the C and torch sums add in different orders, so they agree
@@ -411,12 +411,12 @@ def _greedy_cover(
         tol_c = np.ascontiguousarray(tol, dtype=np.float64)
         A_c = np.ascontiguousarray(A_np, dtype=np.float32)
         pos_c = np.ascontiguousarray(pos_np, dtype=np.int64)
-        heap, work = np.empty(4 * N), np.empty(3 * B)  # two heaps of N (gain, line) entries
+        heap = np.empty(4 * N)  # two heaps of N (gain, line) entries
         rounds = native.greedy_rounds(
             gain_np.ctypes.data, chosen.ctypes.data, A_c.ctypes.data, pos_c.ctypes.data, B, s, N,
             covered.ctypes.data, target.ctypes.data, tol_c.ctypes.data, lines_left.ctypes.data,
             lb.ctypes.data, lk.ctypes.data, lx.ctypes.data, lg.ctypes.data, ctypes.byref(n_log),
-            heap.ctypes.data, work.ctypes.data,
+            heap.ctypes.data,
         )
         k = n_log.value
         if k:
@@ -466,9 +466,9 @@ def _greedy_cover(
     return result
 
 
-def _native_greedy():
-    """The native kernels whose C greedy (loopserve/native/greedy_cover.c) replaces the numpy
-    rounds, or None."""
+def _native_kernels():
+    """The native kernels, whose C greedy (loopserve/native/greedy_cover.c) replaces the
+    numpy rounds, or None."""
     return native_kernels()
 
 

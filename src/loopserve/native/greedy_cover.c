@@ -19,7 +19,7 @@
    go down, so an entry whose stored gain is above the line's current gain is refreshed
    when it reaches the top, and the top, once fresh, is the kind's best line. A round then
    costs the lines it takes, not a scan of all 2N gains (hundreds of rounds a layer).
-   heap: 4N doubles of scratch (two heaps of N (gain, line) entries); work: unused. */
+   heap: 4N doubles of scratch (two heaps of N (gain, line) entries). */
 
 typedef struct {
     double g;
@@ -75,8 +75,7 @@ static double fresh_top(entry *h, int64_t *n, const double *gain) {
 int64_t greedy_rounds(double *gain, uint8_t *chosen, const float *A, const int64_t *pos, int64_t B, int64_t s,
                       int64_t N, double *covered, const double *target, const double *tol, int64_t *lines_left,
                       int64_t *log_b, int64_t *log_k, int64_t *log_x, double *log_g, int64_t *n_log,
-                      double *heap, double *work) {
-    (void)work;
+                      double *heap) {
     int64_t rounds = 0, nl = *n_log;
     entry *heaps[2] = {(entry *)heap, (entry *)heap + N};
     for (int64_t b = 0; b < B; ++b) {

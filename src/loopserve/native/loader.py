@@ -119,7 +119,7 @@ def _bind(lib: ctypes.CDLL, path: Path) -> NativeKernels:
     scratch.restype, scratch.argtypes = i64, [i64, i64]
     greedy = lib.greedy_rounds
     greedy.restype = i64
-    greedy.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    greedy.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
     mass = lib.greedy_line_mass
     mass.restype, mass.argtypes = None, [ptr, ptr, i64, i64, i64, ptr]
     return NativeKernels(path, slash, supported, scratch, greedy, mass)
