@@ -45,6 +45,11 @@ $L bench run --datasets passkey,squad_multi,nq,turn_recall \
     --knob nd4:n_d=4 --knob nd64:n_d=64 $B --out $R/results-ablation.jsonl
 $L bench sensitivity --results $R/results-dense.jsonl $R/results-loopserve.jsonl $R/results-ablation.jsonl \
     --speed $R/knob-speed.json --out $R/sensitivity
+# turn_recall on 24 conversations (the first 6 are those above, resumed): 18 recall turns
+# cannot tell a 3-case gap from chance. Data: .venv/bin/loopserve bench build --context 4000 \
+#   --conversations 24 --datasets turn_recall --out runs/bench-data/ctx4000-seed0-tr24
+TR="--data runs/bench-data/ctx4000-seed0-tr24 --datasets turn_recall"
+$L bench run $TR --methods dense,loopserve ${B/--limit 3/--limit 24} --out $R/results-turn-recall.jsonl
 # the remaining baselines of the issue, the same KV budget (1,024)
 $L bench run --methods pyramidkv,h2o --knob budget=1024 $B --out $R/results-kv-baselines.jsonl
 # the prefill baselines' shapes, each with dense decoding; a local window of 1,024 (their
