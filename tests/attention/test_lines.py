@@ -250,13 +250,13 @@ def test_from_lines_cleans_and_baselines():
     assert [len(v) for v in m.vertical] == [8, 8] and [len(s) for s in m.slash] == [17, 17]
 
 
-def test_native_kernels_rounds_match_numpy_rounds(monkeypatch):
+def test_native_greedy_rounds_match_numpy_rounds(monkeypatch):
     """The C greedy (used when the native kernel builds: its lazy heaps and its own sums of the
     line masses) takes the same lines, in the same order, with the same gains as the numpy
     loop; both ignore the cells above the causal diagonal."""
     from loopserve.attention import lines as lines_module
 
-    if lines_module._native_kernels() is None:
+    if lines_module.native_kernels() is None:
         pytest.skip("no C compiler for the native kernels")
     g = torch.Generator().manual_seed(5)
     s, N, B = 24, 300, 3
@@ -264,7 +264,7 @@ def test_native_kernels_rounds_match_numpy_rounds(monkeypatch):
     A = torch.rand(B, s, N, generator=g) ** 6  # peaky, like real attention (non-causal cells left in)
     kwargs = dict(alpha=0.9, forced_vertical=[0, 1], forced_slash=range(4))
     native = greedy_cover(A, pos, **kwargs)
-    monkeypatch.setattr(lines_module, "_native_kernels", lambda: None)
+    monkeypatch.setattr(lines_module, "native_kernels", lambda: None)
     ref = greedy_cover(A, pos, **kwargs)
     assert native.rounds == ref.rounds > 1
     for b in range(B):
@@ -275,19 +275,19 @@ def test_native_kernels_rounds_match_numpy_rounds(monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs", [dict(alpha=None, max_lines=40), dict(alpha=0.99, max_lines=7), dict(alpha=0.5)])
-def test_native_kernels_matches_numpy_under_every_stop_rule(monkeypatch, kwargs):
+def test_native_greedy_matches_numpy_under_every_stop_rule(monkeypatch, kwargs):
     """Line caps, no mass target, and exact ties (quantised cells: equal gains everywhere)
     give the same picks in C as in numpy (ties: the smaller index first)."""
     from loopserve.attention import lines as lines_module
 
-    if lines_module._native_kernels() is None:
+    if lines_module.native_kernels() is None:
         pytest.skip("no C compiler for the native kernels")
     g = torch.Generator().manual_seed(7)
     s, N, B = 16, 120, 2
     pos = torch.randperm(N, generator=g)[:s].sort().values
     A = (torch.rand(B, s, N, generator=g) * 4).floor() / 4  # many equal cells, so equal gains
     native = greedy_cover(A, pos, **kwargs)
-    monkeypatch.setattr(lines_module, "_native_kernels", lambda: None)
+    monkeypatch.setattr(lines_module, "native_kernels", lambda: None)
     ref = greedy_cover(A, pos, **kwargs)
     assert native.rounds == ref.rounds
     for b in range(B):

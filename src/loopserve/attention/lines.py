@@ -32,6 +32,7 @@ from __future__ import annotations
 import ctypes
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -327,18 +328,17 @@ def _greedy_cover(
         raise ValueError("row positions must lie in 0..N-1")
 
     A = A.float().cpu().contiguous()  # the rounds run on the CPU (numpy or C)
-    pos = pos.cpu()
+    pos = pos.cpu().contiguous()
     cols = torch.arange(N)
     rows = torch.arange(s)
-    native = _native_kernels()
+    native = native_kernels()  # its C greedy (native/greedy_cover.c) replaces the numpy rounds
     # gain[b, 0, j]: marginal mass of vertical j; gain[b, 1, o]: of slash o (-inf once taken).
     # Initial masses are accumulated in fp64 (so that a fully covered line ends near 1e-16,
     # not at fp32 round-off; the C and torch sums add in different orders, so they agree
     # to rounding). Slash o of row r is the cell (r, pos_r - o).
     gain = torch.zeros(B, 2, N, dtype=torch.float64)
     if native is not None:
-        pos_c = pos.contiguous()
-        native.greedy_line_mass(A.data_ptr(), pos_c.data_ptr(), B, s, N, gain.data_ptr())
+        native.greedy_line_mass(A.data_ptr(), pos.data_ptr(), B, s, N, gain.data_ptr())
     else:
         for a in range(0, s, 16):  # a few rows at a time keeps temporaries small
             p = pos[a : a + 16, None]
@@ -409,11 +409,9 @@ def _greedy_cover(
         n_log = ctypes.c_int64(0)
         target = np.ascontiguousarray(target, dtype=np.float64)
         tol_c = np.ascontiguousarray(tol, dtype=np.float64)
-        A_c = np.ascontiguousarray(A_np, dtype=np.float32)
-        pos_c = np.ascontiguousarray(pos_np, dtype=np.int64)
         heap = np.empty(4 * N)  # two heaps of N (gain, line) entries
         rounds = native.greedy_rounds(
-            gain_np.ctypes.data, chosen.ctypes.data, A_c.ctypes.data, pos_c.ctypes.data, B, s, N,
+            gain_np.ctypes.data, chosen.ctypes.data, A_np.ctypes.data, pos_np.ctypes.data, B, s, N,
             covered.ctypes.data, target.ctypes.data, tol_c.ctypes.data, lines_left.ctypes.data,
             lb.ctypes.data, lk.ctypes.data, lx.ctypes.data, lg.ctypes.data, ctypes.byref(n_log),
             heap.ctypes.data,
@@ -464,12 +462,6 @@ def _greedy_cover(
     if squeeze:
         result.vertical, result.slash = vmask[0], smask[0]
     return result
-
-
-def _native_kernels():
-    """The native kernels, whose C greedy (loopserve/native/greedy_cover.c) replaces the
-    numpy rounds, or None."""
-    return native_kernels()
 
 
 # --------------------------------------------------------------------------------------
@@ -633,7 +625,7 @@ def spike_columns(
         chunks = [rows[a : a + row_chunk] for a in range(0, len(rows), row_chunk)]
         best = torch.full((end,), float("-inf"))  # per column: max over tested rows of score - threshold
         capped = torch.zeros(end, dtype=torch.bool)  # the strongest columns of diffuse rows
-        for colmax, strongest in parallel_map(lambda r, kh=kh, khT=khT, h=h: test_rows(kh, khT, h, r), chunks):
+        for colmax, strongest in parallel_map(partial(test_rows, kh, khT, h), chunks):
             if colmax is not None:
                 best = torch.maximum(best, colmax)
             if strongest is not None:

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .report import ALL, _ci, _f, load_many, summarize
+from .report import ALL, _ci, _f, _turn_key, load_many, summarize
 from .runner import BenchError
 
 __all__ = ["apply_speed", "knob_curves", "render_sensitivity", "sensitivity_summary", "write_sensitivity"]
@@ -64,10 +64,6 @@ def knob_curves(configs: dict[str, dict]) -> dict[str, dict[str, list[tuple]]]:
     return curves
 
 
-def _turn(r: dict) -> tuple:
-    return r["dataset"], r["conversation"], r["position"], r["turn"]
-
-
 def shared_turns(records: list[dict]) -> list[dict]:
     """The records of the turns every configuration (label) ran.
 
@@ -76,9 +72,9 @@ def shared_turns(records: list[dict]) -> list[dict]:
     """
     by_label: dict[str, set] = {}
     for r in records:
-        by_label.setdefault(r["method"], set()).add(_turn(r))
+        by_label.setdefault(r["method"], set()).add(_turn_key(r))
     common = set.intersection(*by_label.values()) if by_label else set()
-    return [r for r in records if _turn(r) in common]
+    return [r for r in records if _turn_key(r) in common]
 
 
 def sensitivity_summary(records: list[dict], reference: str = "dense", source: str = "") -> dict:
@@ -90,7 +86,7 @@ def sensitivity_summary(records: list[dict], reference: str = "dense", source: s
         raise BenchError("no turn was run by every configuration: nothing to compare")
     summary = summarize(shared, reference=reference, source=source, focus=[])
     return {**summary, "configs": configs, "curves": knob_curves(configs),
-            "shared_turns": len({_turn(r) for r in shared}), "records_read": len(records)}
+            "shared_turns": len({_turn_key(r) for r in shared}), "records_read": len(records)}
 
 
 def _row(summary: dict, pos: str, method: str) -> dict | None:
