@@ -202,9 +202,9 @@ def resolve_knobs(methods: Sequence[str] | dict[str, str], knobs: dict[str, Any]
 
 
 def _tokenizer_label(tokenizer_name: str) -> str:
-    from ..models.loader import _DEFAULT_ALIASES
+    from ..models import DEFAULT_MODEL_ALIASES
 
-    if tokenizer_name in _DEFAULT_ALIASES:
+    if tokenizer_name in DEFAULT_MODEL_ALIASES:
         return ""
     return Path(str(tokenizer_name).rstrip("/")).name or str(tokenizer_name)
 

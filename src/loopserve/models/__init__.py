@@ -3,6 +3,7 @@ model folder, and built-in tiny random-weight models for tests."""
 
 from .loader import (
     DEFAULT_MODEL,
+    DEFAULT_MODEL_ALIASES,
     DEVICE_CHOICES,
     DTYPE_CHOICES,
     LoadedModel,
@@ -17,6 +18,7 @@ from .tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DEFAULT_MODEL_ALIASES",
     "DEVICE_CHOICES",
     "DTYPE_CHOICES",
     "LoadedModel",

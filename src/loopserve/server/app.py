@@ -26,6 +26,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.session import Engine
+from ..models import DEFAULT_MODEL_ALIASES
 from .metrics import Metrics, StateSnapshot, StatusCounter
 from .protocol import APIError, ChatCompletionChunk, ChatCompletionRequest, bad_request
 from .routes import router
@@ -34,7 +35,6 @@ from .store import StoreUnavailable, open_store
 
 log = logging.getLogger("loopserve.server")
 
-_DEFAULT_ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct", "default"}
 PREP_THREADS = 4  # prompts built (templated, tokenised) at once, each with its own tokenizer
 
 
@@ -70,8 +70,8 @@ class ServerState:
         self.knobs = dict(engine.knobs)
         self.model_id = cfg.served_model_name or getattr(engine.loaded, "name", None) or cfg.model
         aliases = {self.model_id, cfg.model}
-        if cfg.model in _DEFAULT_ALIASES:
-            aliases |= _DEFAULT_ALIASES
+        if cfg.model in DEFAULT_MODEL_ALIASES:
+            aliases |= DEFAULT_MODEL_ALIASES
         self.model_aliases = {a for a in aliases if a}
         self.created = int(time.time())
         self.metrics = Metrics(self.snapshot, model=self.model_id, method=self.method)
