@@ -37,7 +37,7 @@ import torch
 
 from loopserve.attention.base import register_prefill
 from loopserve.attention.dense import dense_attention
-from loopserve.attention.lines import pattern_mask
+from loopserve.attention.pattern import pattern_mask
 from loopserve.attention.loopserve import LoopServePrefill
 from loopserve.bench.runner import load_selection
 from loopserve.engine import Engine

@@ -14,7 +14,7 @@ densely), ``sparse_turns=2`` only the earlier turns. With
 ``--detect``, every configuration's recall turn also records, per layer and KV head, which
 share of the question's rows each candidate detector picks among its top 5% of rows:
 
-- ``outliers``: the queries farthest from their head group's mean (`lines.outlier_rows`,
+- ``outliers``: the queries farthest from their head group's mean (`spikes.outlier_rows`,
   what the spike pass tests);
 - ``history``: the rows with the most exact attention mass on earlier turns' keys, the first
   4 (attention sinks) left out (costly: the reference a cheap detector would approximate).
@@ -41,7 +41,7 @@ import torch
 
 from loopserve.attention.base import register_prefill
 from loopserve.attention.dense import dense_attention
-from loopserve.attention.lines import outlier_rows
+from loopserve.attention.spikes import outlier_rows
 from loopserve.attention.loopserve import LoopServePrefill, exact_rows_attention
 from loopserve.bench.metrics import score
 from loopserve.bench.runner import load_selection

@@ -254,9 +254,9 @@ def test_native_greedy_rounds_match_numpy_rounds(monkeypatch):
     """The C greedy (used when the native kernel builds: its lazy heaps and its own sums of the
     line masses) takes the same lines, in the same order, with the same gains as the numpy
     loop; both ignore the cells above the causal diagonal."""
-    from loopserve.attention import lines as lines_module
+    from loopserve.attention import cover as cover_module
 
-    if lines_module.native_kernels() is None:
+    if cover_module.native_kernels() is None:
         pytest.skip("no C compiler for the native kernels")
     g = torch.Generator().manual_seed(5)
     s, N, B = 24, 300, 3
@@ -264,7 +264,7 @@ def test_native_greedy_rounds_match_numpy_rounds(monkeypatch):
     A = torch.rand(B, s, N, generator=g) ** 6  # peaky, like real attention (non-causal cells left in)
     kwargs = dict(alpha=0.9, forced_vertical=[0, 1], forced_slash=range(4))
     native = greedy_cover(A, pos, **kwargs)
-    monkeypatch.setattr(lines_module, "native_kernels", lambda: None)
+    monkeypatch.setattr(cover_module, "native_kernels", lambda: None)
     ref = greedy_cover(A, pos, **kwargs)
     assert native.rounds == ref.rounds > 1
     for b in range(B):
@@ -278,16 +278,16 @@ def test_native_greedy_rounds_match_numpy_rounds(monkeypatch):
 def test_native_greedy_matches_numpy_under_every_stop_rule(monkeypatch, kwargs):
     """Line caps, no mass target, and exact ties (quantised cells: equal gains everywhere)
     give the same picks in C as in numpy (ties: the smaller index first)."""
-    from loopserve.attention import lines as lines_module
+    from loopserve.attention import cover as cover_module
 
-    if lines_module.native_kernels() is None:
+    if cover_module.native_kernels() is None:
         pytest.skip("no C compiler for the native kernels")
     g = torch.Generator().manual_seed(7)
     s, N, B = 16, 120, 2
     pos = torch.randperm(N, generator=g)[:s].sort().values
     A = (torch.rand(B, s, N, generator=g) * 4).floor() / 4  # many equal cells, so equal gains
     native = greedy_cover(A, pos, **kwargs)
-    monkeypatch.setattr(lines_module, "native_kernels", lambda: None)
+    monkeypatch.setattr(cover_module, "native_kernels", lambda: None)
     ref = greedy_cover(A, pos, **kwargs)
     assert native.rounds == ref.rounds
     for b in range(B):
@@ -317,13 +317,13 @@ def _one_row_apart(s=40, N=300):
 
 
 def test_mean_coverage_can_starve_one_row_and_the_floor_repairs_it():
-    from loopserve.attention.lines import _greedy_cover, _raise_row_floor, row_coverage
+    from loopserve.attention.cover import greedy_cover, raise_row_floor, row_coverage
 
     A, pos = _one_row_apart()
-    cover = _greedy_cover(A, pos, 0.9, None, None, None, 1e-12, causal_zero=True)
+    cover = greedy_cover(A, pos, alpha=0.9, causal_zero=True)
     frac = row_coverage(A, pos, cover.vertical, cover.slash)
     assert float(cover.fraction) >= 0.9 and float(frac[0, 7]) < 0.2  # the mean is met, row 7 is not
-    _raise_row_floor(A, pos, cover, 0.8)
+    raise_row_floor(A, pos, cover, 0.8)
     frac = row_coverage(A, pos, cover.vertical, cover.slash)
     assert float(frac.min()) >= 0.8 and bool(cover.vertical[0, 123])
 
@@ -334,7 +334,8 @@ def test_row_floor_on_real_shapes_covers_every_probe_row():
     q, k = torch.randn(H, n, D), torch.randn(Hkv, N, D) * 1.5
     base = select_lines(q, k, alpha=0.6, n_probe=32, sinks=4, local=8)
     floored = select_lines(q, k, alpha=0.6, n_probe=32, sinks=4, local=8, row_floor=0.7)
-    from loopserve.attention.lines import probe_attention, row_coverage
+    from loopserve.attention.cover import row_coverage
+    from loopserve.attention.probe import probe_attention
 
     A, pos = probe_attention(q, k, floored.probe_idx)
     def masks(p):
@@ -388,7 +389,7 @@ def _spike_reference(q, k, tau, sinks, local, scale, rows):
 def test_spike_outliers_and_dilation():
     """Outlier rows are tested without a grid (stride 0), and a found column brings its
     neighbours: the far-back key a lone unusual row reaches and the keys on either side."""
-    from loopserve.attention.lines import spike_columns, spike_rows
+    from loopserve.attention.spikes import spike_columns, spike_rows
 
     assert spike_rows(10, 0).tolist() == [9]
     torch.manual_seed(3)
@@ -406,7 +407,7 @@ def test_spike_outliers_and_dilation():
 
 @pytest.mark.parametrize("G, n, N, stride, offset", [(1, 40, 40, 1, 0), (2, 30, 150, 4, 1), (3, 25, 203, 3, 5)])
 def test_spike_columns_match_brute_force(G, n, N, stride, offset):
-    from loopserve.attention.lines import spike_columns, spike_rows
+    from loopserve.attention.spikes import spike_columns, spike_rows
 
     torch.manual_seed(G * 100 + n)
     Hkv, D = 2, 16
@@ -452,7 +453,7 @@ def _spike_reference_capped(q, k, tau, sinks, local, scale, rows, cap):
 
 
 def test_spike_row_cap_keeps_a_diffuse_rows_strongest_columns_unwidened():
-    from loopserve.attention.lines import spike_columns, spike_rows
+    from loopserve.attention.spikes import spike_columns, spike_rows
 
     torch.manual_seed(7)
     Hkv, G, n, N, D = 2, 2, 40, 120, 16
@@ -477,7 +478,7 @@ def test_spike_row_cap_keeps_a_diffuse_rows_strongest_columns_unwidened():
 def test_spike_history_only_tests_earlier_turns_keys_alone():
     """``history_only`` finds exactly the all-keys spike columns that lie before the new
     rows (dilation included, clipped there), and nothing when there is no history."""
-    from loopserve.attention.lines import spike_columns
+    from loopserve.attention.spikes import spike_columns
 
     torch.manual_seed(5)
     Hkv, G, n, N, D = 2, 2, 30, 110, 16

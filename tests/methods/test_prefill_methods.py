@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loopserve.attention.dense import dense_attention
-from loopserve.attention.lines import pattern_mask
+from loopserve.attention.pattern import pattern_mask
 from loopserve.engine import resolve_method
 from loopserve.engine.hook import TurnContext
 
@@ -142,7 +142,7 @@ def test_decode_row_equals_the_fp64_reference(N):
 
 
 def test_loopserve_dense_outliers_rows_equal_dense_and_the_rest_stay_sparse():
-    from loopserve.attention.lines import outlier_rows
+    from loopserve.attention.spikes import outlier_rows
 
     n, N, frac = 160, 260, 0.1
     base = dict(min_keys=0, min_new=0, probe=16, alpha=0.3, local=8, spike_tau=0, dense_last=0, spike_outliers=frac)

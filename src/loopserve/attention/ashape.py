@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .base import PrefillMethod, register_prefill
 from .dense import dense_attention
-from .lines import a_shape_pattern, pattern_density
+from .pattern import a_shape_pattern, pattern_density
 from .sparse import sparse_prefill_attention
 from ..knobs import check_int_knob as _check_int
 

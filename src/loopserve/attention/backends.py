@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import require_triton
-from .lines import LinePattern
+from .pattern import LinePattern
 
 __all__ = ["triton_sparse_prefill"]
 

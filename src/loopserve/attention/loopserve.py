@@ -19,7 +19,10 @@ import torch
 from ..knobs import check_int_knob
 from .base import PrefillMethod, register_prefill
 from .dense import dense_attention
-from .lines import LinePattern, attention_recall, causal_cells, outlier_rows, pattern_density, select_lines
+from .lines import select_lines
+from .pattern import LinePattern, causal_cells, pattern_density
+from .probe import attention_recall
+from .spikes import outlier_rows
 from .sparse import sparse_prefill_attention
 
 
@@ -62,7 +65,7 @@ class LoopServePrefill(PrefillMethod):
     # of alpha of the total: see lines.select_lines.
     row_floor: float = 0.0
     stratified: int = 0  # 1: probe rows one per stratum of the input instead of uniform
-    # The spike pass (lines.spike_columns): probe rows alone miss a question's rows that
+    # The spike pass (spikes.spike_columns): probe rows alone miss a question's rows that
     # reach back to an earlier turn's fact, because those columns carry little of the
     # probes' summed mass. The rows least like the rest (`spike_outliers`) are tested
     # exactly against every key; a column where one of them puts at least `spike_tau` of

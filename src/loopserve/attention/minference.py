@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from ..knobs import check_int_knob as _check_int
 from .base import PrefillMethod, register_prefill
 from .dense import dense_attention
-from .lines import LinePattern, lines_from_topk, pattern_density
+from .lines import lines_from_topk
+from .pattern import LinePattern, pattern_density
 from .sparse import sparse_prefill_attention
 
 

@@ -1,7 +1,7 @@
 """Sparse prefill attention over vertical and slash lines (SPEC section 1, step 5).
 
 Computes, for all n new rows, the exact softmax attention restricted to the cells of a
-:class:`~loopserve.attention.lines.LinePattern`: the union of its vertical columns and
+:class:`~loopserve.attention.pattern.LinePattern`: the union of its vertical columns and
 slash diagonals, each cell counted once, causal cells only. The full n x N score
 matrix is never built.
 
@@ -54,7 +54,7 @@ from ..kernels import choose_backend
 from ..native import native_kernels
 from ..threads import budget, intra_op_threads, parallel_map
 from .backends import triton_sparse_prefill
-from .lines import LinePattern
+from .pattern import LinePattern
 
 __all__ = ["dense_prefill_attention", "sparse_prefill_attention"]
 

@@ -23,7 +23,7 @@ from ..knobs import check_int_knob as _check_int
 from .ashape import a_shape_attention
 from .base import PrefillMethod, register_prefill
 from .dense import dense_attention
-from .lines import causal_cells
+from .pattern import causal_cells
 
 
 @register_prefill

@@ -19,7 +19,9 @@ import torch
 
 from ..attention.base import PrefillMethod
 from ..attention.dense import dense_attention
-from ..attention.lines import attention_recall, pattern_density, select_lines
+from ..attention.lines import select_lines
+from ..attention.pattern import pattern_density
+from ..attention.probe import attention_recall
 from ..attention.sparse import sparse_prefill_attention
 from ..engine import Engine, SamplingParams
 from ..engine.registry import BoundMethod

@@ -210,7 +210,7 @@ def vertical_slash_attention(
     q ``(H, n, D)``; k, v ``(H_kv, N, D)`` with the new tokens' keys last. ``vertical[h]``
     (key indices) and ``slash[h]`` (offsets) are the lines of pattern head ``h``: one per
     KV head, shared by its query heads, or one per query head if ``per_query_head``
-    (the fields of a :class:`~loopserve.attention.lines.LinePattern`). Returns the output
+    (the fields of a :class:`~loopserve.attention.pattern.LinePattern`). Returns the output
     ``(H, n, D)`` in ``out_dtype`` (default q's dtype) and the log-sum-exp ``(H, n)`` fp32 (``-inf``, with a zero
     output, for rows without a cell).
 

@@ -4,7 +4,7 @@
   ``slash_block.h``): sparse prefill attention over vertical and slash lines, used by
   :mod:`loopserve.attention.sparse`;
 - ``greedy_cover.c``: the greedy maximum-coverage rounds of Phase 1 line selection, used
-  by :mod:`loopserve.attention.lines`.
+  by :mod:`loopserve.attention.cover`.
 
 :func:`native_kernels` builds (or loads the cached build of) both into one library; see
 :mod:`loopserve.native.loader` (the build, its cache key and failures). Without a

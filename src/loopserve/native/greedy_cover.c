@@ -3,7 +3,7 @@
 #include <stdlib.h>
 
 /* Greedy maximum coverage rounds of Phase 1 line selection: the C version of the numpy
-   round loop in loopserve.attention.lines._greedy_cover, which it mirrors (the same lines
+   round loop in loopserve.attention.cover._greedy_cover, which it mirrors (the same lines
    in the same order, gains equal to rounding: sums are taken in another order). Built by loopserve.native.loader.
 
    gain (B, 2, N) fp64: marginal mass of vertical x (kind 0) / slash x (kind 1), -inf once
