@@ -534,3 +534,105 @@ def test_knob_speed_script_times_every_ablation_label(tmp_path, monkeypatch, cap
     assert all(r["ttft_speedup"] > 0 and r["ttft_s"] > 0 for r in data["prefill"].values())
     assert all(r["tpot_speedup"] > 0 and r["tpot_ms"] > 0 for r in data["decode"].values())
     assert data["threads"] >= 1 and "| b256 |" in capsys.readouterr().out
+
+
+def _load_script(name: str):
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[name] = script  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(script)
+    return script
+
+
+class _Ctx:
+    """The parts of the engine's per-forward context a prefill method reads."""
+
+    num_layers = 1
+
+    def __init__(self):
+        self.layer_state = {0: {}}
+        self.stats = {}
+
+    def record(self, key, value):
+        self.stats.setdefault(key, []).append(value)
+
+
+def test_question_oracle_makes_exactly_the_question_rows_dense():
+    """benchmarks/question_rows.py's diagnostic method: `dense_question=1` gives the question's
+    rows dense attention and leaves the others sparse; `sparse_turns` picks which turns are
+    sparse (the recall turn is the one holding the question)."""
+    import torch
+
+    from loopserve.attention.base import PREFILL_METHODS
+    from loopserve.attention.dense import dense_attention
+
+    script = _load_script("question_rows")
+    try:
+        g = torch.Generator().manual_seed(0)
+        H, Hkv, n, N, D = 4, 2, 96, 160, 16
+        q, k, v = (torch.randn(1, h, m, D, generator=g) for h, m in ((H, n), (Hkv, N), (Hkv, N)))
+        ref = dense_attention(q, k, v, D**-0.5)
+        off, a, b = N - n, 30, 42
+        knobs = dict(alpha=0.3, min_keys=0, min_new=0, probe=8, local=4, spike_tau=0.0, dense_last=0)
+
+        def run(**extra):
+            method = script.QuestionOracle(**knobs, **extra)
+            return method.attend(q, k, v, layer_idx=0, scaling=D**-0.5, ctx=_Ctx())
+
+        script.QUESTION.update(span=(off + a, off + b), detect=False)
+        sparse, oracle = run(), run(dense_question=1)
+        err = lambda x: (x - ref).abs().amax(-1)[0]  # noqa: E731  (H, n)
+        assert float(err(sparse)[:, a:b].max()) > 1e-3  # alpha 0.3 misses part of these rows' mass
+        assert float(err(oracle)[:, a:b].max()) < 1e-5
+        assert torch.equal(oracle[:, :, :a], sparse[:, :, :a]) and torch.equal(oracle[:, :, b:], sparse[:, :, b:])
+        assert float(err(run(sparse_turns=2)).max()) < 1e-5  # the recall turn dense
+        assert torch.equal(run(sparse_turns=1), sparse)
+        script.QUESTION.update(span=(N + 10, N + 20))  # a turn before the recall turn
+        assert float(err(run(sparse_turns=1)).max()) < 1e-5
+        assert torch.equal(run(sparse_turns=2), sparse)
+    finally:
+        script.QUESTION.update(span=(0, 0), detect=False)
+        PREFILL_METHODS.pop("question-oracle", None)  # the script's diagnostic method: not for later tests
+
+
+def test_question_rows_script_replays_the_reference(tokenizer, tmp_path, monkeypatch, capsys):
+    """benchmarks/question_rows.py replays turn_recall with the reference's answers as the
+    history: replaying dense itself (one conversation at a time, as the reference ran)
+    gives the reference's recall answers exactly; --detect records every layer."""
+    import sys
+
+    from loopserve.attention.base import PREFILL_METHODS
+
+    data = tmp_path / "data"
+    build_datasets(data, context_tokens=CONTEXT, seed=0, count_tokens=_count(tokenizer),
+                   conversations_per_dataset=1, datasets=("turn_recall",))
+    results = tmp_path / "results.jsonl"
+    assert main(run_args(data, results, methods=["dense"], datasets=("turn_recall",))) == 0
+    script = _load_script("question_rows")
+    out = tmp_path / "replay.jsonl"
+    oracle = "question-oracle+dense:min_keys=0,min_new=0,probe=8,local=4,spike_tau=0,dense_question=1"
+    try:
+        monkeypatch.setattr(sys, "argv", ["question_rows", "--results", str(results), "--data", str(data),
+                                          "--limit", "1", "--positions", "front,back", "--model", "tiny-llama",
+                                          "--dtype", "float32", "--max-new-tokens", str(CAP), "--detect",
+                                          "--configs", "dense", oracle, "--out", str(out)])
+        script.main()
+    finally:
+        PREFILL_METHODS.pop("question-oracle", None)
+    reference = {(r["conversation"], r["position"]): r for r in records(results) if r["metric"] == "substring"}
+    recs = records(out)
+    assert len(recs) == 4
+    for r in recs:
+        ref = reference[(r["conversation"], r["position"])]
+        assert r["reference_found"] == ref["score"] and r["question_tokens"] > 0
+        if r["config"] == "dense":
+            assert r["answer"] == ref["prediction"] and r["found"] == ref["score"]
+        else:
+            layers = {d["layer"] for d in r["detect"]}
+            assert len(layers) == len(r["detect"]) > 0
+            assert all(0.0 <= x <= 1.0 for d in r["detect"] for x in d["outliers"] + d["history"])
+    assert "| found the key |" in capsys.readouterr().out
