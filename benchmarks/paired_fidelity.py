@@ -8,7 +8,9 @@ overall, by dependency and by question position.
         docs/results/4k/results-loopserve-history.jsonl:loopserve-history
 
 Means are over turns (not per dataset first, as the report's are); each row also gives both
-configurations' own fidelity on those turns.
+configurations' own fidelity on those turns. ``--datasets`` and ``--metric`` keep only some
+turns, e.g. the recall turns of `turn_recall` (``--datasets turn_recall --metric substring``:
+its Δ score is the difference in the share of keys found).
 """
 
 from __future__ import annotations
@@ -40,10 +42,15 @@ def main() -> None:
     ap.add_argument("--reference", required=True, help="file:label of the reference (dense)")
     ap.add_argument("a", help="file:label")
     ap.add_argument("b", help="file:label (the difference is a minus b)")
+    ap.add_argument("--datasets", help="comma-separated: only these datasets")
+    ap.add_argument("--metric", help="only turns scored by this metric (e.g. substring: turn_recall's recall turns)")
     args = ap.parse_args()
     ref, a, b = load(args.reference), load(args.a), load(args.b)
+    datasets = set(args.datasets.split(",")) if args.datasets else None
     by_conv = defaultdict(list)  # (dataset, conversation) -> per-turn differences
     for key, r in ref.items():
+        if datasets is not None and key[0] not in datasets or args.metric and r["metric"] != args.metric:
+            continue
         if key in a and key in b:
             fa, fb = fidelity(a[key]["prediction"], r["prediction"]), fidelity(b[key]["prediction"], r["prediction"])
             by_conv[key[:2]].append({"fid": fa - fb, "fid_a": fa, "fid_b": fb, "score": a[key]["score"] - b[key]["score"],
@@ -60,7 +67,10 @@ def main() -> None:
         def means(cs, fields=("fid", "score")):
             ts = [t for c in cs for t in by_conv[c] if keep(t)]
             return (*(sum(t[f] for t in ts) / len(ts) for f in fields), len(ts)) if ts else None
-        fid, score, fid_a, fid_b, n = means(convs, ("fid", "score", "fid_a", "fid_b"))
+        whole = means(convs, ("fid", "score", "fid_a", "fid_b"))
+        if whole is None:  # no turn of this group (e.g. no independent turn under --metric)
+            continue
+        fid, score, fid_a, fid_b, n = whole
         each = f"{fid_a:.3f} / {fid_b:.3f}"
         boot = [m for m in map(means, samples) if m is not None]
         lo, hi = int(0.025 * len(boot)), int(0.975 * len(boot)) - 1

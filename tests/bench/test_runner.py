@@ -636,3 +636,34 @@ def test_question_rows_script_replays_the_reference(tokenizer, tmp_path, monkeyp
             assert len(layers) == len(r["detect"]) > 0
             assert all(0.0 <= x <= 1.0 for d in r["detect"] for x in d["outliers"] + d["history"])
     assert "| found the key |" in capsys.readouterr().out
+
+
+def test_paired_fidelity_script_filters_turns_and_skips_empty_groups(tmp_path, monkeypatch, capsys):
+    """benchmarks/paired_fidelity.py: with --datasets and --metric only those turns are paired
+    (here the recall turns, where a finds 3 keys of 4 and b 1: Δ score +0.5), and a group with
+    no turn left (independent turns) is left out instead of failing."""
+    import sys
+
+    rows = []
+    for method, found in (("dense", [1, 1, 1, 0]), ("a", [1, 1, 1, 0]), ("b", [1, 0, 0, 0])):
+        for c, f in enumerate(found):
+            common = {"method": method, "dataset": "turn_recall", "conversation": f"tr-{c}", "position": "middle"}
+            rows.append({**common, "turn": 0, "metric": "rouge", "depends_on": [], "score": 0.5,
+                         "prediction": "a summary"})
+            rows.append({**common, "turn": 1, "metric": "substring", "depends_on": [0], "score": float(f),
+                         "prediction": "12345" if f else "no idea"})
+            rows.append({**common, "dataset": "nq", "turn": 0, "metric": "f1", "depends_on": [], "score": 0.0,
+                         "prediction": "x"})
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    script = _load_script("paired_fidelity")
+    monkeypatch.setattr(sys, "argv", ["paired_fidelity", "--reference", f"{results}:dense", f"{results}:a",
+                                      f"{results}:b", "--datasets", "turn_recall", "--metric", "substring"])
+    script.main()
+    out = capsys.readouterr().out
+    table = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "---" not in line}
+    assert "| all | 4 |" in table["all"] and "+0.500 [" in table["all"]
+    assert "dependent" in table and "independent" not in table
+    monkeypatch.setattr(sys, "argv", ["paired_fidelity", "--reference", f"{results}:dense", f"{results}:a", f"{results}:b"])
+    script.main()
+    assert "| all | 12 |" in capsys.readouterr().out  # every turn of both datasets
