@@ -49,7 +49,7 @@ def main() -> None:
     datasets = set(args.datasets.split(",")) if args.datasets else None
     by_conv = defaultdict(list)  # (dataset, conversation) -> per-turn differences
     for key, r in ref.items():
-        if datasets is not None and key[0] not in datasets or args.metric and r["metric"] != args.metric:
+        if (datasets is not None and key[0] not in datasets) or (args.metric and r["metric"] != args.metric):
             continue
         if key in a and key in b:
             fa, fb = fidelity(a[key]["prediction"], r["prediction"]), fidelity(b[key]["prediction"], r["prediction"])

@@ -40,6 +40,7 @@ from loopserve.attention.dense import dense_attention
 from loopserve.attention.pattern import pattern_mask
 from loopserve.attention.loopserve import LoopServePrefill
 from loopserve.bench.runner import load_selection
+from loopserve.bench.text import token_span
 from loopserve.engine import Engine
 from loopserve.engine.registry import parse_knobs
 from loopserve.engine.turn import common_prefix
@@ -96,12 +97,6 @@ class CoverageProbe(LoopServePrefill):
         for key in ("coverage", "missed_history", "missed_new"):
             rec[key] = torch.stack(rec[key])  # (Hkv, g, n)
         return rec
-
-
-def token_span(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
-    """Token indices [a, b) of the tokens overlapping characters [start, end)."""
-    idx = [i for i, (s, e) in enumerate(offsets) if e > start and s < end]
-    return idx[0], idx[-1] + 1
 
 
 def main() -> None:

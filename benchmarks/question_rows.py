@@ -45,6 +45,7 @@ from loopserve.attention.spikes import outlier_rows
 from loopserve.attention.loopserve import LoopServePrefill, exact_rows_attention
 from loopserve.bench.metrics import score
 from loopserve.bench.runner import load_selection
+from loopserve.bench.text import token_span
 from loopserve.engine import Engine, SamplingParams
 from loopserve.engine.registry import parse_method_spec
 from loopserve.engine.turn import common_prefix
@@ -117,12 +118,6 @@ def detect(q: torch.Tensor, k: torch.Tensor, off: int, a: int, b: int, layer: in
     return rec
 
 
-def token_span(offsets, start: int, end: int) -> tuple[int, int]:
-    """The tokens whose character offsets overlap ``[start, end)``."""
-    idx = [i for i, (s, e) in enumerate(offsets) if e > start and s < end]
-    return idx[0], idx[-1] + 1
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", required=True, help="a bench run results file holding the reference's answers")
@@ -160,6 +155,11 @@ def main() -> None:
     for conv in convs:
         last_turn = conv["turns"][-1]
         for pos in args.positions.split(","):
+            ref = answers[(conv["id"], pos, last_turn["index"])]
+            if args.found_only and not ref["score"]:
+                continue
+            if args.cases and f"{conv['id']}:{pos}" not in args.cases.split(","):
+                continue
             messages = []
             for turn in conv["turns"][:-1]:
                 messages += [{"role": "user", "content": turn["user"][pos]},
@@ -173,23 +173,15 @@ def main() -> None:
             u0 = text.rindex(last_turn["user"][pos])
             qs, qe = last_turn["question_span"][pos]
             span = token_span(enc["offset_mapping"], u0 + qs, u0 + qe)
-            ref = answers[(conv["id"], pos, last_turn["index"])]
-            if args.found_only and not ref["score"]:
-                continue
-            if args.cases and f"{conv['id']}:{pos}" not in args.cases.split(","):
-                continue
             for c, (method, knobs) in configs.items():
                 if (conv["id"], pos, c) in done:
                     continue
                 session = engine.new_session(method=method, knobs=knobs)
                 QUESTION.update(span=span, detect=False)
-                history: list[dict] = []
-                for m in messages[:-1]:
-                    history.append(m)
-                    ids = engine.encode_messages(history) if m["role"] == "user" else None
+                for i, m in enumerate(messages[:-1]):
                     if m["role"] == "user":
-                        keep = common_prefix(session.token_ids, ids)
-                        session.prefill(ids[keep:])
+                        ids = engine.encode_messages(messages[: i + 1])
+                        session.prefill(ids[common_prefix(session.token_ids, ids):])
                     else:
                         session.prefill(list(tok(m["content"], add_special_tokens=False)["input_ids"])
                                         or [next(iter(engine.eos_ids))])

@@ -263,3 +263,14 @@ def test_turn_recall_plants_the_key_first_and_asks_for_it_last(conversations):
         assert turns[-1]["depends_on"] == [0] and turns[-1]["metric"] == "substring"
         assert all(t["depends_on"] == [] and t["metric"] == "rouge_l" for t in turns[:-1])
         assert "first message" in turns[-1]["question"]
+
+
+def test_token_span_covers_every_token_touching_the_characters():
+    from loopserve.bench.text import token_span
+
+    offsets = [(0, 0), (0, 3), (3, 4), (4, 9), (9, 10)]  # a special token of width 0 first
+    assert token_span(offsets, 4, 9) == (3, 4)
+    assert token_span(offsets, 2, 5) == (1, 4)  # partly covered tokens count
+    assert token_span(offsets, 9, 10) == (4, 5)
+    with pytest.raises(ValueError, match="20-25"):
+        token_span(offsets, 20, 25)

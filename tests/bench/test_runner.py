@@ -87,6 +87,19 @@ def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def _load_script(name: str):
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[name] = script  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(script)
+    return script
+
+
+
 # --------------------------------------------------------------------------- smoke
 
 
@@ -424,14 +437,10 @@ def test_bad_concurrency_is_refused_before_anything_runs(data_dir, tmp_path, cap
 def test_phase1_divergence_script_is_zero_for_an_exact_prefill(smoke, data_dir, tmp_path, monkeypatch, capsys):
     """benchmarks/phase1_divergence.py replays dense's answers: alpha = 1 is dense attention, so
     its distributions equal dense's; a sparse selection (alpha 0.3) prefills below density 1."""
-    import importlib.util
     import sys
 
     results, _ = smoke
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "phase1_divergence.py"
-    spec = importlib.util.spec_from_file_location("phase1_divergence", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _load_script("phase1_divergence")
     force = "loopserve+dense:min_keys=0,min_new=0,probe=8,local=4,spike_tau=0,dense_last=0"
     out = tmp_path / "div.jsonl"
     monkeypatch.setattr(sys, "argv", ["phase1_divergence", "--results", str(results), "--data", str(data_dir),
@@ -474,7 +483,6 @@ def test_phase1_coverage_script_is_complete_at_alpha_one(tokenizer, tmp_path, mo
     """benchmarks/phase1_coverage.py measures LoopServe's selection against dense attention on a
     turn_recall conversation: at alpha = 1 (nearly) every row's mass is covered, in every row
     region and position; at alpha 0.3 the rows lose much of it."""
-    import importlib.util
     import sys
 
     data = tmp_path / "data"
@@ -482,10 +490,7 @@ def test_phase1_coverage_script_is_complete_at_alpha_one(tokenizer, tmp_path, mo
                    conversations_per_dataset=1, datasets=("turn_recall",))
     results = tmp_path / "results.jsonl"
     assert main(run_args(data, results, methods=["dense"], datasets=("turn_recall",))) == 0
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "phase1_coverage.py"
-    spec = importlib.util.spec_from_file_location("phase1_coverage", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _load_script("phase1_coverage")
     summaries = {}
     for alpha in ("1.0", "0.3"):
         out = tmp_path / f"cov-{alpha}.json"
@@ -517,13 +522,9 @@ def test_phase1_coverage_script_is_complete_at_alpha_one(tokenizer, tmp_path, mo
 def test_knob_speed_script_times_every_ablation_label(tmp_path, monkeypatch, capsys):
     """benchmarks/knob_speed.py times dense and each ablation label side by side, and writes
     the JSON that `bench sensitivity --speed` reads (labels as in run_4k.sh)."""
-    import importlib.util
     import sys
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "knob_speed.py"
-    spec = importlib.util.spec_from_file_location("knob_speed", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _load_script("knob_speed")
     out = tmp_path / "speed.json"
     monkeypatch.setattr(sys, "argv", ["knob_speed", "--model", "tiny-llama", "--runs", "1",
                                       "--history", "96", "--new", "32", "--context", "160", "--tokens", "3",
@@ -534,18 +535,6 @@ def test_knob_speed_script_times_every_ablation_label(tmp_path, monkeypatch, cap
     assert all(r["ttft_speedup"] > 0 and r["ttft_s"] > 0 for r in data["prefill"].values())
     assert all(r["tpot_speedup"] > 0 and r["tpot_ms"] > 0 for r in data["decode"].values())
     assert data["threads"] >= 1 and "| b256 |" in capsys.readouterr().out
-
-
-def _load_script(name: str):
-    import importlib.util
-    import sys
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[name] = script  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(script)
-    return script
 
 
 class _Ctx:

@@ -21,6 +21,7 @@ __all__ = [
     "locate_evidence",
     "nearest_boundary",
     "split_units",
+    "token_span",
     "window",
 ]
 
@@ -207,3 +208,13 @@ def locate_evidence(
         if score > best_score:
             best_score, best_i = score, i
     return (units[best_i][0], units[best_i + span - 1][1]), best_score / weight
+
+
+def token_span(offsets: Sequence[tuple[int, int]], start: int, end: int) -> Span:
+    """Token indices ``[a, b)`` of the tokens whose character offsets (a tokenizer's
+    ``offset_mapping``) overlap the characters ``[start, end)``: where a question or a
+    fact of a built turn sits in the model's prompt."""
+    idx = [i for i, (s, e) in enumerate(offsets) if e > start and s < end]
+    if not idx:
+        raise ValueError(f"no token overlaps characters {start}-{end}")
+    return idx[0], idx[-1] + 1
