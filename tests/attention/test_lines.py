@@ -416,9 +416,12 @@ def test_spike_columns_match_brute_force(G, n, N, stride, offset):
     assert rows[-1] == n - 1 and len(rows) >= n // stride
     far_row = int(rows[len(rows) // 2])
     k[0, 5] = q[0, far_row] * 3.0  # a tested row far from key 5 attends to it strongly
-    got = spike_columns(q, k, tau=0.2, sinks=2, local=8, stride=stride, offset=offset, row_chunk=7)
     want = _spike_reference(q, k, 0.2, 2, 8, D**-0.5, rows.tolist())
-    assert [set(c.tolist()) for c in got] == want
+    # one block of columns, and blocks smaller than the sinks + window (sink block, causal skip)
+    for col_block in (2048, 13, 1):
+        got = spike_columns(q, k, tau=0.2, sinks=2, local=8, stride=stride, offset=offset, row_chunk=7,
+                            col_block=col_block)
+        assert [set(c.tolist()) for c in got] == want
     assert 5 in want[0]  # the planted far-back spike is among them
 
 
@@ -464,8 +467,10 @@ def test_spike_row_cap_keeps_a_diffuse_rows_strongest_columns_unwidened():
     scale = D**-0.5
     few, top = _spike_reference_capped(q, k, 0.2, 2, 8, scale, rows.tolist(), cap=6)
     assert any(top) and any(few) and 10 in few[0] | top[0]  # both kinds of row occur
-    got = spike_columns(q, k, tau=0.2, sinks=2, local=8, stride=4, offset=1, row_cap=6, row_chunk=5)
-    assert [set(c.tolist()) for c in got] == [a | b for a, b in zip(few, top)]
+    for col_block in (2048, 9):
+        got = spike_columns(q, k, tau=0.2, sinks=2, local=8, stride=4, offset=1, row_cap=6, row_chunk=5,
+                            col_block=col_block)
+        assert [set(c.tolist()) for c in got] == [a | b for a, b in zip(few, top)]
     widened = spike_columns(q, k, tau=0.2, sinks=2, local=8, stride=4, offset=1, row_cap=6, dilate=1)
     for h in range(Hkv):
         grown = {j + d for j in few[h] for d in (-1, 0, 1) if 2 <= j + d < N}

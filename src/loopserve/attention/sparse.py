@@ -321,42 +321,79 @@ def _sliced_part(qb, kf, vf, plan: _HeadPlan, p0, scale, threads):
         return _sliced_torch(qb, kf, vf, plan, p0, scale)
 
 
-def _native_part(qb, kT, vT, kvert, vvert, plan: _HeadPlan, p0, scale, threads):
-    """Verticals and slashes of a block of rows in the native kernel (one online softmax).
+def _head_slices(pattern: LinePattern, h: int, G: int) -> tuple[slice, int]:
+    """(query heads, KV head) that pattern head ``h`` serves."""
+    if pattern.per_query_head:
+        return slice(h, h + 1), h // G
+    return slice(h * G, (h + 1) * G), h
 
-    ``kT``/``vT``: padded K/V, fp32, transposed ``(D, keys)``; ``kvert``/``vvert``: the
-    verticals' K/V rows, fp32 ``(nv, D)``. The kernel reads transposed queries
-    ``(G, D, rows)`` (rows in vector lanes) and writes the output as ``(G, rows, D)``.
-    16-row blocks are split over up to ``threads`` (the thread budget) workers of
-    :func:`loopserve.threads.parallel_map` (ctypes releases the GIL).
+
+def _padded_transposed(x: torch.Tensor, front: int, back: int) -> torch.Tensor:
+    """``x`` (N, D) as fp32 ``(D, front + N + back)``: transposed, zero keys on both sides."""
+    N, D = x.shape
+    t = torch.empty(D, front + N + back)
+    t[:, :front] = 0
+    t[:, front + N :] = 0
+    t[:, front : front + N].copy_(x.T)
+    return t
+
+
+def _native_attention(q, k, v, pattern: LinePattern, out: torch.Tensor, *, scale: float, chunk: int) -> None:
+    """Every pattern head in the native kernel (verticals and slashes, one online softmax);
+    writes ``out`` ``(H, n_pad, D)``.
+
+    The kernel reads K/V transposed and padded ``(D, keys)``, the verticals' K/V rows
+    ``(nv, D)`` and pre-scaled transposed queries ``(G, D, rows)`` (rows in vector lanes),
+    and writes ``(G, rows, D)``. Each head's operands are prepared as one work item (copies
+    of its K/V: on the thread budget, not one thread), then blocks of 16-row ranges of every
+    head are work items of one :func:`loopserve.threads.parallel_map` (ctypes releases the
+    GIL; small ranges taken dynamically, so no worker waits at a head's end). Rows without a
+    cell get zeros (the kernel divides by their empty softmax sum as by infinity).
     """
-    G, R, D = qb.shape
+    H, n, D = q.shape
+    N = k.shape[1]
+    n_pad = out.shape[1]
+    G = H // k.shape[0]
     kernels = native_kernels()
     fn = kernels.slash_attention
-    scratch_floats = kernels.slash_scratch_floats(G, D)
-    Rq = -(-R // 16) * 16
-    q = torch.zeros(G, D, Rq)
-    torch.mul(qb.transpose(1, 2), scale, out=q[:, :, :R])
-    offs, vkey = plan.offsets_t, plan.vertical
-    out = torch.empty(G, Rq, D)
-    lse = torch.empty(G, Rq)
-    workers = max(1, min(threads, Rq // 64))
-    # several small row ranges per worker, taken dynamically (see parallel_map)
-    step = Rq if workers == 1 else max(64, -(-Rq // (4 * workers * 16)) * 16)
-    ranges = [(a, min(Rq, a + step)) for a in range(0, Rq, step)]
-    local = threading.local()
-    ldk = kT.shape[1]
+    gq = 1 if pattern.per_query_head else G
+    scratch_floats = kernels.slash_scratch_floats(gq, D)
+    direct = out.dtype == torch.float32  # the kernel writes fp32: straight into `out`
 
-    def run(rows: tuple[int, int]) -> None:
+    def prepare(h: int):
+        qh, kvh = _head_slices(pattern, h, G)
+        plan = _plan_head(pattern.vertical[h], pattern.slash[h], N, chunk, native=True)
+        kT = _padded_transposed(k[kvh], plan.pad_front, _back_pad(chunk))
+        vT = _padded_transposed(v[kvh], plan.pad_front, _back_pad(chunk))
+        kvert = k[kvh][plan.vertical].float().contiguous()
+        vvert = v[kvh][plan.vertical].float().contiguous()
+        qT = torch.empty(gq, D, n_pad)
+        qT[:, :, n:] = 0
+        torch.mul(q[qh].transpose(1, 2), scale, out=qT[:, :, :n])
+        dst = out[qh] if direct else torch.empty(gq, n_pad, D)
+        return plan, qT, kT, vT, kvert, vvert, dst, torch.empty(gq, n_pad)
+
+    ops = parallel_map(prepare, list(range(pattern.n_heads)))
+    threads = budget()
+    step = n_pad if threads == 1 else max(64, -(-n_pad // (4 * threads * 16)) * 16)
+    items = [(h, a, min(n_pad, a + step)) for h in range(pattern.n_heads) for a in range(0, n_pad, step)]
+    local = threading.local()
+    off = N - n
+
+    def run(item: tuple[int, int, int]) -> None:
+        h, r0, r1 = item
+        plan, qT, kT, vT, kvert, vvert, dst, lse = ops[h]
         if not hasattr(local, "scratch"):
             local.scratch = torch.empty(scratch_floats)
-        fn(q.data_ptr(), Rq, kT.data_ptr(), vT.data_ptr(), plan.bias.data_ptr(), ldk, offs.data_ptr(), len(offs),
-           kvert.data_ptr(), vvert.data_ptr(), vkey.data_ptr(), len(vkey), G, D, p0, plan.pad_front, rows[0], rows[1],
-           local.scratch.data_ptr(), out.data_ptr(), lse.data_ptr())
+        offs, vkey = plan.offsets_t, plan.vertical
+        fn(qT.data_ptr(), n_pad, kT.data_ptr(), vT.data_ptr(), plan.bias.data_ptr(), kT.shape[1], offs.data_ptr(),
+           len(offs), kvert.data_ptr(), vvert.data_ptr(), vkey.data_ptr(), len(vkey), gq, D, off, plan.pad_front,
+           r0, r1, local.scratch.data_ptr(), dst.data_ptr(), lse.data_ptr())
 
-    parallel_map(run, ranges, workers)
-    lse = lse[:, :R]
-    return out[:, :R], lse, ~torch.isinf(lse[0])
+    parallel_map(run, items)
+    if not direct:
+        for h, (_, _, _, _, _, _, dst, _) in enumerate(ops):
+            out[_head_slices(pattern, h, G)[0]] = dst.to(out.dtype)
 
 
 def _sliced_torch(qb, kf, vf, plan: _HeadPlan, p0, scale):
@@ -454,16 +491,16 @@ def sparse_prefill_attention(
     native = _native_usable(D, gq) if native is None else bool(native) and _native_usable(D, gq)
 
     out = torch.empty(H, n_pad, D, dtype=dtype)
+    if native:
+        _native_attention(q, k, v, pattern, out, scale=scale, chunk=chunk)
+        return out[:, :n]
     threads = budget()
-    # Bookkeeping runs on one thread; the fused attention calls and the native kernel use
-    # the whole thread budget (see loopserve.threads.intra_op_threads).
+    # Bookkeeping runs on one thread; the fused attention calls use the whole thread
+    # budget (see loopserve.threads.intra_op_threads).
     with intra_op_threads(1):
         for h in range(heads):
-            if pattern.per_query_head:
-                qh, kvh = slice(h, h + 1), h // G
-            else:
-                qh, kvh = slice(h * G, (h + 1) * G), h
-            plan = _plan_head(pattern.vertical[h], pattern.slash[h], N, chunk, native)
+            qh, kvh = _head_slices(pattern, h, G)
+            plan = _plan_head(pattern.vertical[h], pattern.slash[h], N, chunk)
             kh, vh = k[kvh], v[kvh]
             # Zero padding: in front so that pos - offset >= 0 indexes, behind for padded rows.
             front = kh.new_zeros(plan.pad_front, D)
@@ -471,17 +508,11 @@ def sparse_prefill_attention(
             kpad, vpad = torch.cat([front, kh, back]), torch.cat([front, vh, back])
             kvert, vvert = kh[plan.vertical], vh[plan.vertical]
             kf = vf = None
-            if plan.native:  # transposed (D, keys): rows go in vector lanes
-                kf, vf = kpad.float().T.contiguous(), vpad.float().T.contiguous()
-                kvert, vvert = kvert.float().contiguous(), vvert.float().contiguous()
-            elif plan.sliced:
+            if plan.sliced:
                 kf, vf = kpad.float().contiguous(), vpad.float().contiguous()
             qs = q[qh]
             if n_pad > n:
                 qs = torch.cat([qs, qs.new_zeros(qs.shape[0], n_pad - n, D)], 1)
-            if plan.native:  # memory is O(rows) here: all rows in one call
-                out[qh] = _merge([_native_part(qs, kf, vf, kvert, vvert, plan, off, scale, threads)], dtype)
-                continue
             for r0 in range(0, n_pad, block):
                 qb = qs[:, r0 : r0 + block]
                 p0 = off + r0
