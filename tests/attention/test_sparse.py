@@ -224,3 +224,25 @@ def test_native_one_pass_other_group_sizes(H, Hkv, D, per_query_head):
     assert sparse_module._native_usable(D, 1 if per_query_head else H // Hkv)
     out = sparse_prefill_attention(q, k, v, pattern, chunk=16, block=64, native=True)
     torch.testing.assert_close(out.double(), masked_reference(q, k, v, pattern), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not NATIVE, reason="no C compiler for the native slash kernel")
+@pytest.mark.parametrize("n, N", [(400, 400), (350, 700)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_sweeps_of_row_blocks(n, N, threads):
+    """The native kernel takes rows in sweeps of several 16-row blocks (each chunk of lines
+    for every block of the sweep in turn): over several sweeps, a partial last one, row
+    ranges split over threads, and lines that become causal inside a sweep (no history),
+    every row still gets exactly its own cells."""
+    from loopserve.threads import budget, configure
+
+    H, Hkv, D = 6, 2, 64
+    q, k, v = inputs(H, Hkv, n, N, D, seed=n + threads)
+    pattern = random_isolated_pattern(Hkv, n, N, seed=N)
+    previous = budget()
+    configure(threads)
+    try:
+        out = sparse_prefill_attention(q, k, v, pattern, native=True)
+    finally:
+        configure(previous)
+    torch.testing.assert_close(out.double(), masked_reference(q, k, v, pattern), rtol=1e-5, atol=1e-5)

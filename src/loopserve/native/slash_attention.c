@@ -114,7 +114,7 @@
 
 typedef void (*blk_fn)(const float *, int64_t, const float *, const float *, const float *, int64_t,
                        const int64_t *, int64_t, const float *, const float *, const int64_t *, int64_t, int64_t,
-                       int64_t, int64_t, float *, float *, float *, float *);
+                       int64_t, int64_t, int64_t, float *, float *, float *, float *);
 static const blk_fn table64[8] = {blk_1_64, blk_2_64, blk_3_64, blk_4_64, blk_5_64, blk_6_64, blk_7_64, blk_8_64};
 static const blk_fn table128[8] = {blk_1_128, blk_2_128, blk_3_128, blk_4_128,
                                    blk_5_128, blk_6_128, blk_7_128, blk_8_128};
@@ -122,8 +122,9 @@ static const blk_fn table128[8] = {blk_1_128, blk_2_128, blk_3_128, blk_4_128,
 /* Whether a (G query heads, head dimension D) shape has a specialisation. */
 int slash_supported(int64_t G, int64_t D) { return G >= 1 && G <= 8 && (D == 64 || D == 128); }
 
-/* Floats of scratch memory one call of slash_attention needs for G query heads of dimension D. */
-int64_t slash_scratch_floats(int64_t G, int64_t D) { return G * (TC + 8 + D) * W; }
+/* Floats of scratch memory one call of slash_attention needs for G query heads of dimension D:
+   the score tile, and a sweep's per-block accumulators, running maxima and sums. */
+int64_t slash_scratch_floats(int64_t G, int64_t D) { return G * (TC + 8) * W + SWEEP * (G * D * W + 2 * G * W); }
 
 /* Rows [r0, r1) (multiples of 16) of one KV head, over its verticals and slashes.
    qT (G, D, Rq) pre-scaled queries, transposed (Rq a multiple of 16); KT, VT (D, ldk):
@@ -132,13 +133,13 @@ int64_t slash_scratch_floats(int64_t G, int64_t D) { return G * (TC + 8 + D) * W
    for vertical keys (a vertical/slash intersection belongs to the vertical);
    offsets ascending (m), pad >= the largest; kv, vv (nv, D): the K/V rows of the
    verticals, keys vkey ascending (nv); row r sits at position p0 + r.
-   scratch: G*(TC + 8 + D)*16 floats. Writes out (G, Rq, D) and lse (G, Rq) (-inf for rows without a cell). */
+   scratch: slash_scratch_floats(G, D) floats. Writes out (G, Rq, D) and lse (G, Rq) (-inf for
+   rows without a cell). */
 void slash_attention(const float *qT, int64_t Rq, const float *KT, const float *VT, const float *bias,
                      int64_t ldk, const int64_t *offsets, int64_t m, const float *kv, const float *vv,
                      const int64_t *vkey, int64_t nv, int64_t G, int64_t D, int64_t p0,
                      int64_t pad, int64_t r0, int64_t r1, float *scratch, float *out, float *lse) {
     blk_fn f = (D == 64 ? table64 : table128)[G - 1];
-    float *S = scratch, *acc = scratch + G * (TC + 8) * W;
-    for (int64_t r = r0; r < r1; r += W)
-        f(qT, Rq, KT, VT, bias, ldk, offsets, m, kv, vv, vkey, nv, p0, pad, r, S, acc, out, lse);
+    f(qT, Rq, KT, VT, bias, ldk, offsets, m, kv, vv, vkey, nv, p0, pad, r0, r1, scratch, scratch + G * (TC + 8) * W,
+      out, lse);
 }

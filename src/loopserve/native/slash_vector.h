@@ -49,5 +49,6 @@ static inline vf vexp(vf x) {
 }
 
 #define TC 32 /* offsets per online-softmax chunk */
+#define SWEEP 8 /* 16-row blocks that take each chunk of lines in turn */
 
 #endif
