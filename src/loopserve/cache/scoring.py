@@ -42,8 +42,13 @@ def attention_scores(
     if q_pos is not None and k_pos is not None:
         rows = q_pos.repeat(g).view(1, g * w, 1)
         cols = k_pos.view(-1, 1, n) if k_pos.dim() == 2 else k_pos.view(1, 1, n)
-        logits = logits.masked_fill(cols > rows, float("-inf"))
-    return torch.softmax(logits, dim=-1).sum(dim=1)
+        logits.masked_fill_(cols > rows, float("-inf"))
+    # Softmax in place, and its sum over rows as one product with the rows' 1 / sum: no
+    # second (H_kv, g*w, N) tensor (at long context a fresh one costs more in page faults
+    # than the arithmetic).
+    probs = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+    inv = probs.sum(-1, keepdim=True).reciprocal_()  # (H_kv, g*w, 1)
+    return torch.bmm(inv.transpose(1, 2), probs)[:, 0]
 
 
 def max_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
