@@ -148,7 +148,8 @@ static inline void BLK_STEP(const float *qT, int64_t Rq, const float *KT, const 
 /* Rows [r0, r1) (multiples of 16), in sweeps of up to SWEEP 16-row blocks. In a sweep the
    loop over chunks of lines is outside the loop over blocks: the blocks read a chunk's keys
    one after another (a slash's keys for the next block follow its keys for this one), so
-   they come from cache instead of memory. Each block still takes its causal lines in the
+   they come from cache instead of memory. (Verticals, the same keys for every block, go
+   block by block.) Each block still takes its causal lines in the
    same chunks and order as alone (verticals, then slashes): the same online softmax.
    state: SWEEP * (G*D*W + 2*G*W) floats. */
 static void BLK_NAME(blk, BLK_G, BLK_D)(
@@ -173,19 +174,25 @@ static void BLK_NAME(blk, BLK_G, BLK_D)(
                 st(st_b + G * D * W + (G + g) * W, splat(0.0f));
             }
         }
-        for (int vert = 1; vert >= 0; --vert) {
-            const int64_t *count = vert ? nvt : mt;
-            for (int64_t c0 = 0; c0 < count[nb - 1]; c0 += TC) {
-                for (int64_t b = 0; b < nb; ++b) {
-                    const int64_t e = count[b] < c0 + TC ? count[b] : c0 + TC;
-                    if (e <= c0) continue;
-                    const int64_t r = rs + b * W, pos0 = p0 + r;
-                    vi lane_pos;
-                    for (int i = 0; i < W; ++i) lane_pos[i] = (int32_t)(pos0 + i);
-                    float *st_b = state + b * STATE;
-                    BLK_STEP(qT, Rq, KT, VT, bias, ldk, offsets, kv, vv, vkey, pad + pos0, lane_pos, vert, c0, e - c0,
-                             r, S, st_b, st_b + G * D * W);
-                }
+        /* Verticals block by block (their keys are the same for every block, and a
+           block's accumulator stays in L1 over them), then slashes chunk by chunk. */
+        for (int64_t b = 0; b < nb; ++b) {
+            const int64_t r = rs + b * W, pos0 = p0 + r;
+            float *st_b = state + b * STATE;
+            for (int64_t c0 = 0; c0 < nvt[b]; c0 += TC) {
+                const int64_t e = nvt[b] < c0 + TC ? nvt[b] : c0 + TC;
+                BLK_STEP(qT, Rq, KT, VT, bias, ldk, offsets, kv, vv, vkey, pad + pos0, lanes(pos0), 1, c0, e - c0, r,
+                         S, st_b, st_b + G * D * W);
+            }
+        }
+        for (int64_t c0 = 0; c0 < mt[nb - 1]; c0 += TC) {
+            for (int64_t b = 0; b < nb; ++b) {
+                const int64_t e = mt[b] < c0 + TC ? mt[b] : c0 + TC;
+                if (e <= c0) continue;
+                const int64_t r = rs + b * W, pos0 = p0 + r;
+                float *st_b = state + b * STATE;
+                BLK_STEP(qT, Rq, KT, VT, bias, ldk, offsets, kv, vv, vkey, pad + pos0, lanes(pos0), 0, c0, e - c0, r,
+                         S, st_b, st_b + G * D * W);
             }
         }
         for (int64_t b = 0; b < nb; ++b) {

@@ -48,6 +48,13 @@ static inline vf vexp(vf x) {
     return (vf)((vi)(p * (vf)e) & ok);
 }
 
+/* The positions of a 16-row block starting at pos0, one per lane. */
+static inline vi lanes(int64_t pos0) {
+    vi v;
+    for (int i = 0; i < W; ++i) v[i] = (int32_t)(pos0 + i);
+    return v;
+}
+
 #define TC 32 /* offsets per online-softmax chunk */
 #define SWEEP 8 /* 16-row blocks that take each chunk of lines in turn */
 
