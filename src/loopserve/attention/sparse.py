@@ -16,9 +16,11 @@ CPU design, per KV head (the query heads of a GQA group share every K/V row read
   are vertical vector arithmetic, no horizontal reductions; a vertical is one key for
   all lanes (a broadcast). Each loaded K/V vector serves the G query heads of the
   group. A slash cell whose key is a selected vertical is masked (-inf bias): the
-  vertical owns it, so each cell enters the softmax exactly once. Measured on the
-  2-core AVX-512 box: ~4 ns per (query head, cell) single-threaded, against ~7 ns for
-  the previous row-by-row kernel; see "Native slash kernel" below.
+  vertical owns it, so each cell enters the softmax exactly once. Blocks go in sweeps of
+  eight, each chunk of slashes for every block of the sweep in turn, so a slash's keys
+  serve consecutive blocks from cache. Measured on the 2-core AVX-512 box: 3.4 (verticals)
+  to 6.6 (spread slashes) ns per (query head, cell) single-threaded
+  (``benchmarks/sparse_kernel_cells.py``); see "Native slash kernel" below.
 * Without a C compiler (or ``LOOPSERVE_NATIVE=0``, or other shapes), a pure-torch path:
   **verticals** are the same keys for every row, so they are gathered once and a block
   of rows runs fused attention against them (sorted verticals: only the causal prefix,
