@@ -68,8 +68,27 @@ def test_batched_greedy_output_matches_alone(tiny_models, prefill, decode):
     assert got == _alone(engine, pairs)
     assert sched.stats.max_batch == len(CONVERSATIONS), "all conversations shared forwards"
     assert sched.stats.mixed_iterations > 0, "prefill was packed with other conversations' decode steps"
-    if engine.new_session(method=method, knobs=pairs[0][1]).method.chunkable:
+    long_turn = len(engine.encode_messages([{"role": "user", "content": CONVERSATIONS[1][0]}]))
+    if engine.new_session(method=method, knobs=pairs[0][1]).method.chunkable_turn(long_turn, long_turn):
         assert sched.stats.forwards > 2 * (PARAMS.max_new_tokens + 1), "the long turn was prefilled in chunks"
+
+
+def test_loopserve_turns_that_attend_densely_are_prefilled_in_chunks(tiny_models):
+    """Below `min_keys` keys or `min_new` new rows Phase 1 attends densely in every layer, and
+    so does every chunk of such a turn: the scheduler splits it as it splits dense's (no
+    long prefill stalls the others' decoding) with the same output. A turn that Phase 1
+    selects lines for, or a Phase 2 that selects from the prefill's rows, is not split."""
+    engine = Engine(tiny_models["tiny-llama"])
+    pairs = [("loopserve", {})] * len(CONVERSATIONS)
+    got, sched = _batched(engine, pairs)
+    assert got == _alone(engine, pairs)
+    assert sched.stats.forwards > 2 * (PARAMS.max_new_tokens + 1), "the long turn was prefilled in chunks"
+    n = len(engine.encode_messages([{"role": "user", "content": CONVERSATIONS[1][0]}]))
+    assert engine.new_session(method="loopserve").method.chunkable_turn(n, n)
+    sparse = engine.new_session(method="loopserve", knobs={"min_keys": 32, "min_new": 16}).method
+    assert not sparse.chunkable_turn(n, n)
+    assert sparse.chunkable_turn(8, n), "few new rows: dense"
+    assert not engine.new_session(method="loopserve", knobs={"first": "probe"}).method.chunkable_turn(n, n)
 
 
 def test_different_methods_share_one_batch(tiny_models):

@@ -33,6 +33,12 @@ class PrefillMethod:
     # queries, as sparse patterns do, is prefilled in one piece).
     chunkable: ClassVar[bool] = False
 
+    def chunkable_turn(self, n_new: int, n_total: int) -> bool:
+        """Whether a turn of ``n_new`` new tokens (``n_total`` keys once prefilled) may be
+        prefilled in chunks; a method whose selection only some turns need (a dense
+        fallback for short inputs) says yes for the others."""
+        return self.chunkable
+
     def validate(self) -> None:
         """Raise ValueError naming the bad knob."""
 

@@ -116,6 +116,11 @@ class LoopServePrefill(PrefillMethod):
         check_int_knob(self, "spike_stride", 0)
         check_int_knob(self, "spike_dilate", 0)
 
+    def chunkable_turn(self, n_new: int, n_total: int) -> bool:
+        # A turn below `min_keys` keys or `min_new` new rows attends densely in every layer,
+        # and so does each chunk of it (no chunk has more keys or rows than the turn).
+        return n_total < self.min_keys or n_new < self.min_new
+
     def select(self, q: torch.Tensor, k: torch.Tensor, *, layer_idx: int, scaling: float) -> LinePattern:
         """The lines this layer's sparse rows attend over (q ``(1, H, n, D)``, k ``(1, H_kv, N, D)``)."""
         n_probe = max(self.probe, math.ceil(0.02 * q.shape[-2]))

@@ -35,6 +35,10 @@ class DecodeMethod:
     # (see PrefillMethod.chunkable); methods that score the final chunk's queries are not.
     chunkable: ClassVar[bool] = False
 
+    def chunkable_turn(self, n_new: int, n_total: int) -> bool:
+        """Whether this turn's prefill may be split (see PrefillMethod.chunkable_turn)."""
+        return self.chunkable
+
     def validate(self) -> None:
         """Raise ValueError naming the bad knob."""
 

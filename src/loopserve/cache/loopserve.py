@@ -80,6 +80,11 @@ class LoopServeDecode(DecodeMethod):
         if self.mode == "bounded" and self.memory_budget <= self.sinks + self.recent:
             raise ValueError(f"invalid knob memory_budget={self.memory_budget}: must exceed sinks + recent")
 
+    def chunkable_turn(self, n_new: int, n_total: int) -> bool:
+        # With a dense first interval the prefill observes nothing; the other rules select
+        # from the final prefill forward's rows.
+        return self.first == "dense"
+
     def __post_init__(self):
         self.reselections = 0  # decode-time re-selections, summed over layers (tests, stats)
 

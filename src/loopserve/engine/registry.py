@@ -49,10 +49,10 @@ class BoundMethod:
     prefill: PrefillMethod
     decode: DecodeMethod
 
-    @property
-    def chunkable(self) -> bool:
-        """Whether a turn's prefill may be split into chunks without changing the result."""
-        return self.prefill.chunkable and self.decode.chunkable
+    def chunkable_turn(self, n_new: int, n_total: int) -> bool:
+        """Whether this turn's prefill (``n_new`` new tokens, ``n_total`` keys after it) may
+        be split into chunks without changing the result."""
+        return self.prefill.chunkable_turn(n_new, n_total) and self.decode.chunkable_turn(n_new, n_total)
 
     def knobs(self) -> dict:
         return {**dataclasses.asdict(self.prefill), **dataclasses.asdict(self.decode)}

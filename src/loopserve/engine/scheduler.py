@@ -8,9 +8,9 @@ Every `step()`:
    (each: its full prompt plus `max_new_tokens`, or what it holds allocated if more) stay
    within `kv_budget_bytes`; one turn is always admitted when none runs;
 2. packs into one forward the next token of every decoding turn, plus prefill of admitted
-   turns up to `chunk_tokens` tokens (a turn whose method is not `chunkable`, i.e. whose
-   selection depends on the whole turn's queries, is prefilled in one piece when its turn
-   comes), so a long new turn does not stall the others' decoding;
+   turns up to `chunk_tokens` tokens (a turn whose method's selection depends on the whole
+   turn's queries, see `chunkable_turn`, is prefilled in one piece when its turn comes), so
+   a long new turn does not stall the others' decoding;
 3. preempts, newest first, while the KV bytes actually allocated exceed the budget: the
    turn is cut back to its state before the turn and waits again at the front. Its text
    already streamed is not repeated when it runs again (a victim must be greedy, seeded,
@@ -201,7 +201,7 @@ class Scheduler:
         room = self.chunk_tokens
         for s in self.running:
             if s.turn.prefilling and room > 0:
-                ids = s.turn.next_input(room if s.session.method.chunkable else None)
+                ids = s.turn.next_input(room if s.turn.chunkable else None)
                 room -= len(ids)
                 batch.append((s, ids))
         return batch

@@ -129,6 +129,8 @@ class Turn:
         m.decode.begin_turn(self.ctx)
         self.pending = self.prompt[reuse:]
         self.stats.cached_tokens, self.stats.prefill_tokens = reuse, len(self.pending)
+        # whether a driver may split this turn's prefill into chunks (the Scheduler does)
+        self.chunkable = m.chunkable_turn(len(self.pending), len(self.prompt))
 
     def next_input(self, limit: int | None = None) -> list[int]:
         """The tokens of this turn's next forward: up to `limit` prefill tokens (all if None),
