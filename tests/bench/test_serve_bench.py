@@ -34,8 +34,16 @@ def test_serve_bench_reports_batched_and_one_at_a_time(engine):
         assert m["batched"]["max_batch"] == 3 and m["batched"]["forwards"] > 0
         ratio = m["batched"]["throughput_tok_s"] / m["one_at_a_time"]["throughput_tok_s"]
         assert m["throughput_speedup"] == pytest.approx(ratio, rel=0.01)
+        # decode-only figures: one at a time every token after a turn's first is a decode step;
+        # batched, only iterations without prefill count, so some tokens, never more
+        assert m["one_at_a_time"]["decode_tokens"] == 3 * 2 * (4 - 1)
+        assert 0 < m["batched"]["decode_tokens"] <= 3 * 2 * (4 - 1)
+        assert m["batched"]["decode_tok_s"] > 0 and m["one_at_a_time"]["decode_tok_s"] > 0
+        decode_ratio = m["batched"]["decode_tok_s"] / m["one_at_a_time"]["decode_tok_s"]
+        assert m["decode_throughput_speedup"] == pytest.approx(decode_ratio, rel=0.01)
     assert r["throughput_tok_s"]["batched"] == r["methods"]["dense"]["batched"]["throughput_tok_s"]
     assert r["throughput_speedup"] == r["methods"]["dense"]["throughput_speedup"]
+    assert r["decode_throughput_speedup"] == r["methods"]["dense"]["decode_throughput_speedup"]
     assert set(r["batched_tpot_advantage_over_dense"]) == {"loopserve"}
 
 

@@ -68,6 +68,9 @@ def test_batched_greedy_output_matches_alone(tiny_models, prefill, decode):
     assert got == _alone(engine, pairs)
     assert sched.stats.max_batch == len(CONVERSATIONS), "all conversations shared forwards"
     assert sched.stats.mixed_iterations > 0, "prefill was packed with other conversations' decode steps"
+    # a turn's first token comes from a forward with prefill: decode-only iterations hold the rest at most
+    assert 0 < sched.stats.decode_only_tokens < 2 * len(CONVERSATIONS) * PARAMS.max_new_tokens
+    assert sched.stats.decode_only_s > 0
     long_turn = len(engine.encode_messages([{"role": "user", "content": CONVERSATIONS[1][0]}]))
     if engine.new_session(method=method, knobs=pairs[0][1]).method.chunkable_turn(long_turn, long_turn):
         assert sched.stats.forwards > 2 * (PARAMS.max_new_tokens + 1), "the long turn was prefilled in chunks"

@@ -42,11 +42,15 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[int(rank) - 1]
 
 
-def _summary(wall_s: float, ttft: list[float], tpot: list[float], tokens: int) -> dict:
+def _summary(wall_s: float, ttft: list[float], tpot: list[float], tokens: int, decode_s: float, decode_tokens: int) -> dict:
     return {
         "wall_s": round(wall_s, 6),  # microseconds: a tiny run lasts tens of ms, and the rate derives from it
         "generated_tokens": tokens,
         "throughput_tok_s": round(tokens / wall_s, 3) if wall_s > 0 else 0.0,
+        # decoding alone: tokens of decode steps over their time (batched: the iterations
+        # without prefill; one at a time: every token after a turn's first)
+        "decode_tokens": decode_tokens,
+        "decode_tok_s": round(decode_tokens / decode_s, 3) if decode_s > 0 else 0.0,
         "ttft_p50_s": round(_percentile(ttft, 50), 4),
         "ttft_p95_s": round(_percentile(ttft, 95), 4),
         "tpot_p50_ms": round(_percentile(tpot, 50) * 1000, 3),
@@ -56,6 +60,7 @@ def _summary(wall_s: float, ttft: list[float], tpot: list[float], tokens: int) -
 
 def _one_at_a_time(engine: Engine, convs: list[list[str]], method: str, knobs: dict, params: SamplingParams):
     answers, ttft, tpot, generated = [], [], [], 0
+    decode_s, decode_tokens = 0.0, 0
     t0 = time.perf_counter()
     for conv in convs:
         session = engine.new_session(method=method, knobs=knobs)
@@ -66,7 +71,10 @@ def _one_at_a_time(engine: Engine, convs: list[list[str]], method: str, knobs: d
             ttft.append(res.stats.ttft_s)
             tpot.append(res.stats.tpot_s)
             generated += res.stats.new_tokens
-    return answers, _summary(time.perf_counter() - t0, ttft, tpot, generated)
+            steps = max(0, res.stats.new_tokens - 1)  # the first token comes from the prefill forward
+            decode_s += res.stats.tpot_s * steps
+            decode_tokens += steps
+    return answers, _summary(time.perf_counter() - t0, ttft, tpot, generated, decode_s, decode_tokens)
 
 
 def _batched(engine: Engine, convs: list[list[str]], method: str, knobs: dict, params: SamplingParams,
@@ -97,7 +105,8 @@ def _batched(engine: Engine, convs: list[list[str]], method: str, knobs: dict, p
             generated += st.new_tokens
             if len(answers[i]) < len(convs[i]):
                 submit(i)
-    summary = _summary(time.perf_counter() - t0, ttft, tpot, generated)
+    summary = _summary(time.perf_counter() - t0, ttft, tpot, generated, sched.stats.decode_only_s,
+                       sched.stats.decode_only_tokens)
     summary.update(forwards=sched.stats.forwards, max_batch=sched.stats.max_batch, preemptions=sched.stats.preemptions)
     return answers, summary
 
@@ -121,6 +130,8 @@ def run_serve(engine: Engine, sessions: int = 8, turns: int = 2, context: int = 
             "one_at_a_time": alone_summary,
             "throughput_speedup": round(batched_summary["throughput_tok_s"] / alone_summary["throughput_tok_s"], 3)
             if alone_summary["throughput_tok_s"] else None,
+            "decode_throughput_speedup": round(batched_summary["decode_tok_s"] / alone_summary["decode_tok_s"], 3)
+            if alone_summary["decode_tok_s"] else None,
             "identical": batched == alone,
         }
         if progress:
@@ -140,6 +151,7 @@ def run_serve(engine: Engine, sessions: int = 8, turns: int = 2, context: int = 
         # The first method's figures at the top level; every method's under "methods".
         "throughput_tok_s": {"batched": first["batched"]["throughput_tok_s"], "one_at_a_time": first["one_at_a_time"]["throughput_tok_s"]},
         "throughput_speedup": first["throughput_speedup"],
+        "decode_throughput_speedup": first["decode_throughput_speedup"],
         "identical": all(m["identical"] for m in out.values()),
         "methods": out,
     }

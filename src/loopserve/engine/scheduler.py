@@ -40,6 +40,10 @@ class SchedulerStats:
     max_batch: int = 0  # most turns in one forward
     mixed_iterations: int = 0  # forwards that held both prefill and decode tokens
     preemptions: int = 0
+    # Iterations that held decode steps only: their wall time (forward and sampling) and the
+    # tokens they generated, i.e. batched decoding's own throughput.
+    decode_only_s: float = 0.0
+    decode_only_tokens: int = 0
 
 
 @dataclass(eq=False)
@@ -151,8 +155,10 @@ class Scheduler:
             return ended
         self.stats.forwards += 1
         self.stats.max_batch = max(self.stats.max_batch, len(batch))
-        if any(seq.turn.prefilling for seq, _ in batch) and any(not seq.turn.prefilling for seq, _ in batch):
+        prefilling = sum(seq.turn.prefilling for seq, _ in batch)
+        if 0 < prefilling < len(batch):
             self.stats.mixed_iterations += 1
+        t0 = time.perf_counter()
         try:
             logits = self.engine.forward_packed([(ids, seq.session.cache, seq.turn.ctx) for seq, ids in batch])
         except Exception as e:  # which turn broke it is unknown: fail them all, sessions kept consistent
@@ -171,6 +177,9 @@ class Scheduler:
                 seq.status = "finished"
                 seq.t_done = time.perf_counter()
                 ended.append(seq)
+        if not prefilling:
+            self.stats.decode_only_s += time.perf_counter() - t0
+            self.stats.decode_only_tokens += len(batch)
         self._preempt()
         return ended
 
