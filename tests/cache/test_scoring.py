@@ -46,3 +46,26 @@ def test_attention_scores_with_positions_see_only_earlier_keys():
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     early = attention_scores(q[:, :, :2], k, 0.25, q_pos[:2], torch.arange(N), backend="cpu")  # rows at 3 and 10
     assert bool((early[:, 11:] == 0).all()) and bool((early[:, :11] > 0).all())
+
+
+def test_query_buffer_releases_first_then_every_in_order():
+    from loopserve.cache.scoring import QueryBuffer
+
+    buf = QueryBuffer(num_layers=2, every=3, first=2)
+    qs = [torch.randn(1, 4, 1, 8) for _ in range(8)]
+    released = []
+    other = torch.randn(1, 4, 1, 8)
+    assert buf.push(0, other) is None  # another layer keeps its own count
+    for i, q in enumerate(qs):
+        out = buf.push(1, q)
+        if out is not None:
+            released.append((i, out.clone()))
+    # after 2 pushes, then every 3: at pushes 2 and 5 (1-based), with 2 pending after
+    assert [i for i, _ in released] == [1, 4, 7]
+    torch.testing.assert_close(released[0][1], torch.cat(qs[0:2], dim=2))
+    torch.testing.assert_close(released[1][1], torch.cat(qs[2:5], dim=2))
+    torch.testing.assert_close(released[2][1], torch.cat(qs[5:8], dim=2))
+    assert buf.pending(1) is None
+    buf.push(1, qs[0])
+    torch.testing.assert_close(buf.pending(1), qs[0])
+    torch.testing.assert_close(buf.pending(0), other)
