@@ -179,10 +179,13 @@ class SessionLayer(CacheLayerMixin):
         gather = idx.view(1, h, L, 1)
         # Leave room for the tokens decoded until the next selection: no regrowth per step.
         cap = L + _VIEW_SLACK
-        self._vk = self._k.new_empty(1, h, cap, self._k.shape[-1])
-        self._vv = self._v.new_empty(1, h, cap, self._v.shape[-1])
-        self._vk[..., :L, :] = torch.gather(self.keys, 2, gather.expand(1, h, L, self._k.shape[-1]))
-        self._vv[..., :L, :] = torch.gather(self.values, 2, gather.expand(1, h, L, self._v.shape[-1]))
+        # The previous view's buffers are reused when they are large enough: a selection
+        # every few tokens would otherwise allocate (and page in) two fresh tensors.
+        if self._vk is None or self._vk.shape[1] != h or self._vk.shape[2] < L:
+            self._vk = self._k.new_empty(1, h, cap, self._k.shape[-1])
+            self._vv = self._v.new_empty(1, h, cap, self._v.shape[-1])
+        torch.gather(self.keys, 2, gather.expand(1, h, L, self._k.shape[-1]), out=self._vk[..., :L, :])
+        torch.gather(self.values, 2, gather.expand(1, h, L, self._v.shape[-1]), out=self._vv[..., :L, :])
         self._view_base = idx
         self._view_start = self.length
         self.view_len = L
