@@ -4,7 +4,6 @@ one fact in an earlier turn), which coverage of the probe rows' summed mass skip
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 
@@ -88,12 +87,13 @@ def spike_columns(
     L = min(local, N)
     win = torch.arange(-L + 1, 1)  # offsets of the local window
     col_idx = torch.arange(end)
+    keys = [k[h].float() for h in range(Hkv)]  # fp32 once per head (a no-op for fp32 keys)
 
     def test_rows(item: tuple[int, torch.Tensor]):
         """For rows ``r`` of head ``h``: per column, the max over them of score - threshold,
         and the strongest columns of its diffuse rows (if capped)."""
         h, r = item
-        kh = k[h].float()
+        kh = keys[h]
         pos = N - n + r  # absolute positions of these rows
         qs = q[h * G : (h + 1) * G, r].float() * scale  # (G, r, D)
         # Log-sum-exp over each row's sinks + local window, from those keys alone.
