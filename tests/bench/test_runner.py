@@ -87,6 +87,17 @@ def records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def _turn_recall_dense(tokenizer, tmp_path: Path) -> tuple[Path, Path]:
+    """One turn_recall conversation per position built under tmp_path, and dense's records of
+    it: (data folder, results file), the input the turn_recall scripts read."""
+    data = tmp_path / "data"
+    build_datasets(data, context_tokens=CONTEXT, seed=0, count_tokens=_count(tokenizer),
+                   conversations_per_dataset=1, datasets=("turn_recall",))
+    results = tmp_path / "results.jsonl"
+    assert main(run_args(data, results, methods=["dense"], datasets=("turn_recall",))) == 0
+    return data, results
+
+
 def _load_script(name: str):
     import importlib.util
     import sys
@@ -485,11 +496,7 @@ def test_phase1_coverage_script_is_complete_at_alpha_one(tokenizer, tmp_path, mo
     region and position; at alpha 0.3 the rows lose much of it."""
     import sys
 
-    data = tmp_path / "data"
-    build_datasets(data, context_tokens=CONTEXT, seed=0, count_tokens=_count(tokenizer),
-                   conversations_per_dataset=1, datasets=("turn_recall",))
-    results = tmp_path / "results.jsonl"
-    assert main(run_args(data, results, methods=["dense"], datasets=("turn_recall",))) == 0
+    data, results = _turn_recall_dense(tokenizer, tmp_path)
     script = _load_script("phase1_coverage")
     summaries = {}
     for alpha in ("1.0", "0.3"):
@@ -596,11 +603,7 @@ def test_question_rows_script_replays_the_reference(tokenizer, tmp_path, monkeyp
 
     from loopserve.attention.base import PREFILL_METHODS
 
-    data = tmp_path / "data"
-    build_datasets(data, context_tokens=CONTEXT, seed=0, count_tokens=_count(tokenizer),
-                   conversations_per_dataset=1, datasets=("turn_recall",))
-    results = tmp_path / "results.jsonl"
-    assert main(run_args(data, results, methods=["dense"], datasets=("turn_recall",))) == 0
+    data, results = _turn_recall_dense(tokenizer, tmp_path)
     script = _load_script("question_rows")
     out = tmp_path / "replay.jsonl"
     oracle = "question-oracle+dense:min_keys=0,min_new=0,probe=8,local=4,spike_tau=0,dense_question=1"

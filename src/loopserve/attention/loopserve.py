@@ -116,10 +116,15 @@ class LoopServePrefill(PrefillMethod):
         check_int_knob(self, "spike_stride", 0)
         check_int_knob(self, "spike_dilate", 0)
 
-    def chunkable_turn(self, n_new: int, n_total: int) -> bool:
-        # A turn below `min_keys` keys or `min_new` new rows attends densely in every layer,
-        # and so does each chunk of it (no chunk has more keys or rows than the turn).
+    def attends_densely(self, n_new: int, n_total: int) -> bool:
+        """Whether `n_new` new rows over `n_total` keys attend densely (below `min_keys` keys
+        or `min_new` new rows, where sparse does not pay)."""
         return n_total < self.min_keys or n_new < self.min_new
+
+    def chunkable_turn(self, n_new: int, n_total: int) -> bool:
+        # Such a turn attends densely in every layer, and so does each chunk of it (no chunk
+        # has more keys or rows than the turn).
+        return self.attends_densely(n_new, n_total)
 
     def select(self, q: torch.Tensor, k: torch.Tensor, *, layer_idx: int, scaling: float) -> LinePattern:
         """The lines this layer's sparse rows attend over (q ``(1, H, n, D)``, k ``(1, H_kv, N, D)``)."""
@@ -136,7 +141,7 @@ class LoopServePrefill(PrefillMethod):
         n, N = q.shape[-2], k.shape[-2]
         dense_layer = layer_idx < self.dense_first_layers or (
             self.dense_last_layers > 0 and ctx.num_layers > 0 and layer_idx >= ctx.num_layers - self.dense_last_layers)
-        if N < self.min_keys or n < self.min_new or dense_layer:
+        if self.attends_densely(n, N) or dense_layer:
             ctx.record("prefill_density", 1.0)
             return dense_attention(q, k, v, scaling)
         pattern = self.select(q, k, layer_idx=layer_idx, scaling=scaling)

@@ -94,6 +94,7 @@ class Turn:
         self.ctx: TurnContext | None = None
         self.reuse = 0
         self.pending: list[int] = []  # what the next forward(s) feed: prefill rest, or [token]
+        self.chunkable = False  # set by begin(): whether a driver may split the prefill
         self.sampler: Sampler | None = None  # set once the prefill is complete
         self.generated: list[int] = []
         self.text = self.emitted = ""
@@ -129,7 +130,6 @@ class Turn:
         m.decode.begin_turn(self.ctx)
         self.pending = self.prompt[reuse:]
         self.stats.cached_tokens, self.stats.prefill_tokens = reuse, len(self.pending)
-        # whether a driver may split this turn's prefill into chunks (the Scheduler does)
         self.chunkable = m.chunkable_turn(len(self.pending), len(self.prompt))
 
     def next_input(self, limit: int | None = None) -> list[int]:
