@@ -215,17 +215,11 @@ def _plan_head(vertical: torch.Tensor, slash: torch.Tensor, N: int, chunk: int, 
         windows, sliced = [], offsets
     else:
         windows, sliced = _split_slashes(offsets, chunk, _SLICE_CELL_COST_TORCH)
-    # Each cell enters the softmax once. A vertical cell on a sliced offset: the native
-    # kernel skips vertical keys (the vertical part owns the cell); the torch slice path
-    # does not, so there the vertical part drops it. On a windowed offset the vertical
-    # part always drops it (per-row masks are cheaper than per-chunk window masks).
-    vertical_drop = torch.zeros(N, dtype=torch.bool)
-    if native:
-        for lo, hi in windows:
-            vertical_drop[lo : hi + 1] = is_slash[lo : hi + 1]
-    else:
-        vertical_drop = is_slash
-    vertical_drop = vertical_drop if bool(vertical_drop.any()) else None
+    # Each cell enters the softmax once. The native kernel skips vertical keys on its
+    # slashes (the vertical owns the cell), so nothing is dropped there; on the torch path
+    # the vertical part drops the cells on every selected offset (sliced or windowed: per-row
+    # masks are cheaper than per-chunk window masks).
+    vertical_drop = None if native or not bool(is_slash.any()) else is_slash
     rel, bands = [], []
     row = torch.arange(chunk)[:, None]
     for lo, hi in windows:
