@@ -1,7 +1,9 @@
 """One decode step's attention over 30 layers of KV (SmolLM2's shape: 9 query heads, 3 KV
 heads, head size 64), PyTorch SDPA with ``enable_gqa`` against a grouped form: each KV head's
 3 query rows in one ``bmm`` over its keys, softmax, one ``bmm`` over its values, so each key
-and value is read once per KV head rather than once per query head.
+and value is read once per KV head rather than once per query head; and the native kernel
+LoopServe decodes with (``loopserve.attention.decode``), for one conversation and for a
+batch of ``--batch`` conversations (one call per layer, against a loop of grouped calls).
 
 Each layer has its own K/V in a capacity buffer sliced to the length, as the session cache
 holds them, so the 30 layers' KV (94 MB at 2k tokens, 377 MB at 8k, fp32) comes from memory
@@ -20,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from loopserve.attention.decode import decode_attention
 from loopserve.threads import configure as configure_threads
 
 H, H_KV, D, LAYERS = 9, 3, 64, 30
@@ -35,38 +38,62 @@ def grouped(q, k, v, scale):
     return torch.bmm(torch.softmax(scores, -1), v[0]).view(q.shape)
 
 
-def measure(n: int, reps: int = 5) -> dict:
+def native(q, k, v, scale):
+    return decode_attention([q], [k], [v], scale)[0]
+
+
+def measure(n: int, batch: int, reps: int = 5) -> dict:
     cap = n + n // 2
-    ks = [torch.randn(1, H_KV, cap, D)[..., :n, :] for _ in range(LAYERS)]
-    vs = [torch.randn(1, H_KV, cap, D)[..., :n, :] for _ in range(LAYERS)]
-    q, scale = torch.randn(1, H, 1, D), D**-0.5
-    diff = max(float((sdpa(q, k, v, scale) - grouped(q, k, v, scale)).abs().max()) for k, v in zip(ks, vs))
-    times = {"sdpa": [], "grouped": []}
+    ks = [[torch.randn(1, H_KV, cap, D)[..., :n, :] for _ in range(batch)] for _ in range(LAYERS)]
+    vs = [[torch.randn(1, H_KV, cap, D)[..., :n, :] for _ in range(batch)] for _ in range(LAYERS)]
+    qs, scale = [torch.randn(1, H, 1, D) for _ in range(batch)], D**-0.5
+    q = qs[0]
+    diff = max(float((sdpa(q, k[0], v[0], scale) - grouped(q, k[0], v[0], scale)).abs().max()) for k, v in zip(ks, vs))
+    diff_native = max(float((native(q, k[0], v[0], scale) - grouped(q, k[0], v[0], scale)).abs().max()) for k, v in zip(ks, vs))
+    single = {"sdpa": sdpa, "grouped": grouped, "native": native}
+    times = {name: [] for name in [*single, "grouped_batch", "native_batch"]}
     for _ in range(reps + 1):
-        for name, fn in (("sdpa", sdpa), ("grouped", grouped)):
+        for name, fn in single.items():
             t = time.perf_counter()
             for k, v in zip(ks, vs):
-                fn(q, k, v, scale)
+                fn(q, k[0], v[0], scale)
             times[name].append((time.perf_counter() - t) * 1e3)
+        t = time.perf_counter()
+        for k, v in zip(ks, vs):
+            for i in range(batch):
+                grouped(qs[i], k[i], v[i], scale)
+        times["grouped_batch"].append((time.perf_counter() - t) * 1e3)
+        t = time.perf_counter()
+        for k, v in zip(ks, vs):
+            decode_attention(qs, k, v, scale)
+        times["native_batch"].append((time.perf_counter() - t) * 1e3)
     med = {name: sorted(ts[1:])[reps // 2] for name, ts in times.items()}  # first round: warm-up
     return {"tokens": n, "sdpa_ms": round(med["sdpa"], 2), "grouped_ms": round(med["grouped"], 2),
-            "speedup": round(med["sdpa"] / med["grouped"], 2), "max_abs_diff": diff}
+            "native_ms": round(med["native"], 2), "speedup": round(med["sdpa"] / med["grouped"], 2),
+            "native_speedup_vs_grouped": round(med["grouped"] / med["native"], 2),
+            "batch": batch, "grouped_batch_ms": round(med["grouped_batch"], 2),
+            "native_batch_ms": round(med["native_batch"], 2),
+            "native_batch_speedup": round(med["grouped_batch"] / med["native_batch"], 2),
+            "max_abs_diff": diff, "native_max_abs_diff": diff_native}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--tokens", default="1024,2048,4096,8192")
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     threads = configure_threads(args.threads)
-    rows = [measure(int(n)) for n in args.tokens.split(",")]
+    rows = [measure(int(n), args.batch) for n in args.tokens.split(",")]
     if args.json:
         print(json.dumps({"benchmark": "decode-attention", "layers": LAYERS, "threads": threads, "rows": rows}, indent=2))
         return
-    print("| KV tokens | SDPA, ms per token | grouped bmm | speed-up | max abs diff |\n|---:|---:|---:|---:|---:|")
+    print("| KV tokens | SDPA, ms per token | grouped bmm | native | batch: grouped | batch: native | max abs diff |\n"
+          "|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['tokens']} | {r['sdpa_ms']} | {r['grouped_ms']} | {r['speedup']}x | {r['max_abs_diff']:.1e} |")
+        print(f"| {r['tokens']} | {r['sdpa_ms']} | {r['grouped_ms']} | {r['native_ms']} | {r['grouped_batch_ms']} "
+              f"| {r['native_batch_ms']} | {r['native_max_abs_diff']:.1e} |")
 
 
 if __name__ == "__main__":

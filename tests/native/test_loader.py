@@ -109,3 +109,21 @@ def test_library_is_built_into_the_cache_once_and_reused(fresh_loader, monkeypat
     monkeypatch.setattr(loader, "_compile", no_compiling)
     reset_native_kernels()
     assert native_kernels().path == kernels.path
+
+
+@pytest.mark.skipif(not HAVE_COMPILER, reason="no C compiler")
+def test_compiler_without_openmp_gets_a_build_without_it(fresh_loader, monkeypatch):
+    """The OpenMP kernels then run on one thread, with the same results."""
+    from loopserve.attention.decode import decode_attention, torch_decode_attention
+
+    real = " ".join(loader.compiler())
+    wrapper = fresh_loader / "cc-without-openmp"
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    kernels = native_kernels()
+    assert kernels is not None and kernels.decode_attention_supported(3, 64)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 6, 1, 64, generator=g), torch.randn(1, 2, 300, 64, generator=g), torch.randn(1, 2, 300, 64, generator=g)
+    (out,) = decode_attention([q], [k], [v], 0.125)
+    torch.testing.assert_close(out, torch_decode_attention(q, k, v, 0.125), rtol=0.0, atol=2e-6)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import PrefillMethod, register_prefill
+from .decode import decode_attention
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
@@ -17,8 +18,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: 
     last n keys' tokens. Returns (B, H, n, D).
     """
     n, N = q.shape[-2], k.shape[-2]
-    if n == 1 and q.shape[0] == 1 and q.device.type == "cpu":
-        return grouped_decode_attention(q, k, v, scaling)
+    if n == 1 and q.shape[0] == 1:  # a decode step: the same function as the scheduler's batches
+        return decode_attention([q], [k], [v], scaling)[0]
     # enable_gqa avoids copying K/V per query head (measured: 4x faster decode at 8k on CPU).
     gqa = k.shape[1] != q.shape[1]
     if n == 1 or n == N:
@@ -28,20 +29,6 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: 
     cols = torch.arange(N, device=q.device).unsqueeze(0)
     mask = cols <= rows + (N - n)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
-
-
-def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
-    """One decode row of every query head over all N keys, q ``(1, H, 1, D)``, k/v ``(1, H_kv, N, D)``.
-
-    The query heads that share a KV head go through one ``bmm`` over its keys and one over
-    its values, so each key and value is read once per KV head; the CPU SDPA reads them once
-    per query head, and decoding at long context is bound by reading the KV
-    (benchmarks/decode_attention.py)."""
-    _, H, _, D = q.shape
-    Hkv = k.shape[1]
-    scale = D**-0.5 if scaling is None else scaling
-    scores = torch.bmm(q.reshape(Hkv, H // Hkv, D), k[0].transpose(1, 2)) * scale
-    return torch.bmm(torch.softmax(scores, -1), v[0]).reshape(1, H, 1, D)
 
 
 @register_prefill

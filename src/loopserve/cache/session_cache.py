@@ -176,7 +176,6 @@ class SessionLayer(CacheLayerMixin):
         """Attend only to store indices `idx` (H_kv, L), sorted per head, from now on."""
         idx = idx.to(self.device, torch.long)
         h, L = idx.shape
-        gather = idx.view(1, h, L, 1)
         # Leave room for the tokens decoded until the next selection: no regrowth per step.
         cap = L + _VIEW_SLACK
         # The previous view's buffers are reused when they are large enough: a selection
@@ -184,8 +183,10 @@ class SessionLayer(CacheLayerMixin):
         if self._vk is None or self._vk.shape[1] != h or self._vk.shape[2] < L:
             self._vk = self._k.new_empty(1, h, cap, self._k.shape[-1])
             self._vv = self._v.new_empty(1, h, cap, self._v.shape[-1])
-        torch.gather(self.keys, 2, gather.expand(1, h, L, self._k.shape[-1]), out=self._vk[..., :L, :])
-        torch.gather(self.values, 2, gather.expand(1, h, L, self._v.shape[-1]), out=self._vv[..., :L, :])
+        # Row copies per head (index_select): torch.gather reads an index per element, ~4x slower.
+        for head in range(h):
+            torch.index_select(self.keys[0, head], 0, idx[head], out=self._vk[0, head, :L])
+            torch.index_select(self.values[0, head], 0, idx[head], out=self._vv[0, head, :L])
         self._view_base = idx
         self._view_start = self.length
         self.view_len = L

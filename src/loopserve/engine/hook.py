@@ -14,7 +14,9 @@ same model), attention is plain dense causal attention.
 A `PackedContext` instead carries one step of several conversations packed along the
 sequence (the scheduler's batch): the linear layers see every token at once, and attention
 runs per segment over that conversation's own cache layer, with its own method and state,
-exactly as the same step would run alone. No padded mask over the batch is built.
+exactly as the same step would run alone: prefill chunks one by one, and the decode tokens of
+all conversations in one `decode_attention` call (the function a lone decode step also runs).
+No padded mask over the batch is built.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from ..attention.decode import decode_attention
 from ..attention.dense import dense_attention
 
 ATTN_NAME = "loopserve"
@@ -83,11 +86,31 @@ def loopserve_attention(module, query, key, value, attention_mask, scaling=None,
     if ctx is None:
         out = dense_attention(query, key, value, scaling)
     elif isinstance(ctx, PackedContext):
-        segments = zip(ctx.contexts, query.split(ctx.lengths, dim=-2), ctx.cache.segments(layer_idx))
-        out = torch.cat([_attend(c, layer_idx, q.contiguous(), k, v, scaling) for c, q, (k, v) in segments], dim=-2)
+        out = _attend_packed(ctx, layer_idx, query, scaling)
     else:
         out = _attend(ctx, layer_idx, query, key, value, scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _attend_packed(ctx: PackedContext, layer_idx: int, query, scaling: float) -> torch.Tensor:
+    """Every segment's attention: prefill chunks one by one, the decode tokens of all
+    conversations in one `decode_attention` call (each over its own cache layer)."""
+    queries = query.split(ctx.lengths, dim=-2)
+    kv = ctx.cache.segments(layer_idx)
+    outs: list[torch.Tensor | None] = [None] * len(queries)
+    decoding = [i for i, q in enumerate(queries) if q.shape[-2] == 1 and q.dtype == kv[i][0].dtype]
+    if decoding:
+        attended = decode_attention([queries[i] for i in decoding], [kv[i][0] for i in decoding],
+                                    [kv[i][1] for i in decoding], scaling)
+        for i, out in zip(decoding, attended):
+            c = ctx.contexts[i]
+            c.scaling = scaling
+            c.decode.observe_decode(c, layer_idx, queries[i], c.cache.layers[layer_idx])
+            outs[i] = out
+    for i, (c, q, (k, v)) in enumerate(zip(ctx.contexts, queries, kv)):
+        if outs[i] is None:
+            outs[i] = _attend(c, layer_idx, q.contiguous(), k, v, scaling)
+    return torch.cat(outs, dim=-2)
 
 
 def _attend(ctx: TurnContext, layer_idx: int, query, key, value, scaling: float) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 
 from ..cache.packed_cache import PackedCache
 from ..cache.session_cache import SessionCache
+from ..models.native_linear import use_native_linears
 from ..threads import configure as configure_threads
 from ..threads import ensure_configured as ensure_threads
 from .hook import PackedContext, TurnContext, install
@@ -61,6 +62,9 @@ class Engine:
         self.device = loaded.device  # every tensor the engine, cache and methods create follows it
         install(self.model)
         install(self.prefill_model)
+        # Decode steps' few rows read each weight once (a batch of them costs little more
+        # than one row); prefill keeps sgemm. The prefill copy in bf16, if any, is left as is.
+        use_native_linears(self.model)
         self.num_layers = self.model.config.num_hidden_layers
         self.max_context = loaded.max_context
         eos = set()

@@ -1,8 +1,9 @@
 """Build, cache and load the native kernels (the C sources next to this file).
 
-The first call of :func:`native_kernels` in a process compiles ``slash_attention.c`` and
-``greedy_cover.c`` with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``;
-``-O3 -march=native``, a few seconds, no torch headers) into one shared library under
+The first call of :func:`native_kernels` in a process compiles ``slash_attention.c``,
+``greedy_cover.c``, ``decode_attention.c`` and ``skinny_linear.c`` with the system C compiler (``$CC``, else
+``cc``, ``gcc`` or ``clang``; ``-O3 -march=native -fopenmp``, a few seconds, no torch
+headers) into one shared library under
 ``$LOOPSERVE_CACHE/kernels`` (see :mod:`loopserve.paths`), or loads the one built before.
 The file name carries a hash of the sources, the compile command and the CPU's features
 (``-march=native`` code only runs where it was built), so a changed source, flag,
@@ -13,6 +14,12 @@ When no library can be had (no compiler, a compile error, a library that does no
 load), the reason is logged once as a warning and :func:`native_kernels` returns None:
 the callers then run their pure-PyTorch paths, which give the same results.
 ``LOOPSERVE_NATIVE=0`` skips the native kernels without a warning.
+
+OpenMP: the decode attention and skinny linear kernels run on OpenMP threads. The library
+asks for ``libgomp.so.1``, the soname of the OpenMP runtime torch ships and has already
+loaded, so the dynamic loader binds it to torch's copy: one runtime and one thread pool
+for torch's ops and ours, never two pools competing for the cores. A compiler without
+OpenMP gets a second build without ``-fopenmp``, whose kernels run on one thread.
 """
 
 from __future__ import annotations
@@ -46,9 +53,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 NATIVE_ENV = "LOOPSERVE_NATIVE"
-SOURCES = ("slash_attention.c", "greedy_cover.c")  # compiled, in this order
+SOURCES = ("slash_attention.c", "greedy_cover.c", "decode_attention.c", "skinny_linear.c")  # compiled, in this order
 HEADERS = ("slash_vector.h", "slash_block.h")  # included by the sources: part of the cache key
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+OPENMP_FLAGS = ("-fopenmp",)
 LIBS = ("-lm",)
 BUILD_TIMEOUT_S = 300
 
@@ -63,7 +71,10 @@ class NativeKernels:
 
     See the C sources for the arguments. ``slash_supported(G, D)`` says whether the slash
     kernel has a specialisation for G query heads per KV head and head dimension D;
-    ``slash_scratch_floats(G, D)`` is the scratch size one ``slash_attention`` call needs.
+    ``slash_scratch_floats(G, D)`` is the scratch size one ``slash_attention`` call needs;
+    ``decode_attention_supported(G, D)`` and ``decode_attention_scratch_floats(S, lens,
+    H_kv, G, D)`` likewise for ``decode_attention``. ``skinny_linear`` is y = x W^T (+ b)
+    for a few rows of x.
     """
 
     path: Path
@@ -72,6 +83,10 @@ class NativeKernels:
     slash_scratch_floats: Callable[[int, int], int]
     greedy_rounds: Callable[..., int]
     greedy_line_mass: Callable[..., None]
+    decode_attention: Callable[..., None]
+    decode_attention_supported: Callable[[int, int], int]
+    decode_attention_scratch_floats: Callable[..., int]
+    skinny_linear: Callable[..., None]
 
 
 _lock = threading.Lock()
@@ -122,7 +137,16 @@ def _bind(lib: ctypes.CDLL, path: Path) -> NativeKernels:
     greedy.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
     mass = lib.greedy_line_mass
     mass.restype, mass.argtypes = None, [ptr, ptr, i64, i64, i64, ptr]
-    return NativeKernels(path, slash, supported, scratch, greedy, mass)
+    decode = lib.decode_attention
+    decode.restype = None
+    decode.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_float, ptr, i64]
+    decode_supported = lib.decode_attention_supported
+    decode_supported.restype, decode_supported.argtypes = ctypes.c_int, [i64, i64]
+    decode_scratch = lib.decode_attention_scratch_floats
+    decode_scratch.restype, decode_scratch.argtypes = i64, [i64, ptr, i64, i64, i64]
+    linear = lib.skinny_linear
+    linear.restype, linear.argtypes = None, [ptr, i64, i64, ptr, ptr, i64, ptr, i64]
+    return NativeKernels(path, slash, supported, scratch, greedy, mass, decode, decode_supported, decode_scratch, linear)
 
 
 def source_dir() -> Path:
@@ -171,9 +195,18 @@ def build_library(cache_dir: Path | None = None) -> Path:
         texts = {name: (folder / name).read_bytes() for name in SOURCES + HEADERS}
     except OSError as exc:
         raise BuildError(f"kernel sources missing from the installed package: {exc}") from None
-    command = [*cc, *FLAGS]
-    key = build_key(texts, [*command, *LIBS], cpu_signature())
     cache = _writable_dir(cache_dir if cache_dir is not None else cache_root() / "kernels")
+    try:
+        return _build(cc, [*cc, *FLAGS, *OPENMP_FLAGS], texts, folder, cache)
+    except BuildError as with_openmp:
+        try:
+            return _build(cc, [*cc, *FLAGS], texts, folder, cache)
+        except BuildError:
+            raise with_openmp from None
+
+
+def _build(cc: list[str], command: list[str], texts: dict[str, bytes], folder: Path, cache: Path) -> Path:
+    key = build_key(texts, [*command, *LIBS], cpu_signature())
     target = cache / f"loopserve_kernels_{key}.so"
     if target.exists():
         return target

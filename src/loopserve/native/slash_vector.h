@@ -1,6 +1,7 @@
-/* Vector helpers of the slash attention kernel (slash_attention.c, slash_block.h).
+/* Vector helpers of the native kernels (slash_attention.c with slash_block.h,
+   decode_attention.c, skinny_linear.c): 16-float vectors, loads, exp, lane sums.
 
-   Row-vectorised slash attention. W = 16 consecutive rows share one vector register
+   The slash kernel is row-vectorised: W = 16 consecutive rows share one vector register
    lane each: for offset o, their keys are the contiguous keys pos_0 - o .. pos_0 - o + 15,
    so with K, V stored transposed (d-major) every load is one contiguous vector and the
    dot products, softmax and value sums are plain vertical vector arithmetic (no
@@ -29,6 +30,15 @@ static inline void st(float *p, vf x) { *(vfu *)p = x; }
 static inline vf splat(float x) { return (vf){0} + x; }
 static inline vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
 static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
+
+/* The sum of a vector's lanes, in a fixed order (a tree of shuffles). */
+static inline float hsum(vf a) {
+    a = a + __builtin_shuffle(a, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+    a = a + __builtin_shuffle(a, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+    a = a + __builtin_shuffle(a, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+    a = a + __builtin_shuffle(a, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
+    return a[0];
+}
 
 /* exp(x), exactly 0 for x < -87 (and -inf); Cody-Waite + degree-6 polynomial (~1 ulp). */
 static inline vf vexp(vf x) {
