@@ -118,6 +118,12 @@ static inline __attribute__((always_inline)) void chunk_fast(
         for (int64_t d = 0; d < D / W; ++d) qg[d] = ld(q + g * D + d * W);
         int64_t j0 = 0;
         for (; j0 + W <= n; j0 += W) {
+            if (g == 0) /* more loads in flight: this block's values, the keys two blocks on
+                           (past the chunk's end too: prefetches never fault) */
+                for (int64_t i = 0; i < W * D; i += W) {
+                    __builtin_prefetch(v + j0 * D + i, 0, 3);
+                    __builtin_prefetch(k + (j0 + 2 * W) * D + i, 0, 3);
+                }
             vf t[W];
 #pragma GCC unroll 16
             for (int i = 0; i < W; ++i) {

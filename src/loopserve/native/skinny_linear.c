@@ -4,8 +4,10 @@
    bound by reading the weights. BLAS sgemm packs the weights into panels first, which for
    2-16 rows makes the step read (and write) them more than once: 8 rows cost twice what
    one row does. Here each block of R weight rows is read once, straight from the
-   weight matrix, and multiplied by up to MT rows of x at a time (x stays in L1); the blocks
-   are split over the process's OpenMP threads (torch's runtime, see loader.py).
+   weight matrix (the next block prefetched meanwhile), and multiplied by up to MT rows of x
+   at a time (x stays in L1); the blocks are split over the process's OpenMP threads
+   (torch's runtime, see loader.py). Prefetches past the matrix's end are harmless: they
+   never fault.
 
    Every output element is the same sum in the same order whatever the number of rows, so
    a conversation's logits in a batch are the same bits as alone. */
@@ -27,6 +29,8 @@ static inline __attribute__((always_inline)) void tile(const float *x, int64_t I
     for (; i + W <= I; i += W) {
         vf wv[R];
         for (int j = 0; j < r; ++j) wv[j] = ld(w + j * I + i);
+        /* The next block's rows, while this one is multiplied: more loads in flight. */
+        for (int j = 0; j < r; ++j) __builtin_prefetch(w + (R + j) * I + i, 0, 3);
         for (int m = 0; m < mt; ++m) {
             vf xv = ld(x + m * I + i);
             for (int j = 0; j < r; ++j) acc[m][j] += xv * wv[j];
