@@ -11,6 +11,7 @@ from loopserve.models import native_linear as native_linear_module
 from loopserve.models import tiny_model
 from loopserve.models.native_linear import MAX_ROWS, NativeLinear, use_native_linears
 from loopserve.native import native_kernels
+from loopserve.threads import intra_op_threads
 
 HAVE_NATIVE = native_kernels() is not None
 native_only = pytest.mark.skipif(not HAVE_NATIVE, reason="no native kernels (no C compiler)")
@@ -48,6 +49,9 @@ def test_a_row_gets_the_same_bits_in_any_batch(in_f, out_f):
         for rows in (1, 2, 5, 9):
             for start in range(0, MAX_ROWS - rows + 1, rows):
                 assert torch.equal(lin(x[start : start + rows]), whole[start : start + rows])
+        for threads in (1, 3):  # nor on the thread count
+            with intra_op_threads(threads):
+                assert torch.equal(lin(x), whole)
 
 
 @native_only

@@ -5,7 +5,9 @@ Every decode step, alone or in the scheduler's batch, runs through
 With the native kernels (``loopserve/native/decode_attention.c``) all segments of a step
 go to one call that reads each key and value once for the G query heads sharing them and
 spreads chunks of keys over the cores; a decode step is bound by reading the KV cache,
-and this reads it at close to memory speed. Without them (no compiler, other dtypes or
+and this reads it at close to memory speed. The kernel uses as many threads as torch's
+ops would here (``torch.get_num_threads()``: the budget, or one inside a
+:func:`loopserve.threads.parallel_map` item). Without them (no compiler, other dtypes or
 layouts, another device) each segment runs :func:`torch_decode_attention`, which also does
 not depend on the other segments.
 """
@@ -18,7 +20,6 @@ import threading
 import torch
 
 from ..native import native_kernels
-from ..threads import budget
 
 __all__ = ["decode_attention", "torch_decode_attention"]
 
@@ -96,6 +97,6 @@ def _native(queries, keys, values, scale: float) -> list[torch.Tensor]:
         S, lens, i64s(*(k.stride(1) for k in keys)), i64s(*(v.stride(1) for v in values)),
         ptrs(*(q.data_ptr() for q in queries)), ptrs(*(k.data_ptr() for k in keys)),
         ptrs(*(v.data_ptr() for v in values)), ptrs(*(out.data_ptr() + i * row for i in range(S))),
-        Hkv, H // Hkv, D, scale, scratch.data_ptr(), budget(),
+        Hkv, H // Hkv, D, scale, scratch.data_ptr(), torch.get_num_threads(),
     )
     return list(out.unbind(0))

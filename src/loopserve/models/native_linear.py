@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..native import native_kernels
-from ..threads import budget
 
 __all__ = ["MAX_ROWS", "NativeLinear", "use_native_linears"]
 
@@ -53,7 +52,8 @@ class NativeLinear(nn.Linear):
         b = b.contiguous() if b is not None else None
         y = x.new_empty(*x.shape[:-1], self.out_features)
         kernels.skinny_linear(x.data_ptr(), rows, self.in_features, w.data_ptr(),
-                              b.data_ptr() if b is not None else None, self.out_features, y.data_ptr(), budget())
+                              b.data_ptr() if b is not None else None, self.out_features, y.data_ptr(),
+                              torch.get_num_threads())  # as many as torch's ops would use here
         return y
 
 
