@@ -4,9 +4,13 @@
   ``slash_block.h``): sparse prefill attention over vertical and slash lines, used by
   :mod:`loopserve.attention.sparse`;
 - ``greedy_cover.c``: the greedy maximum-coverage rounds of Phase 1 line selection, used
-  by :mod:`loopserve.attention.cover`.
+  by :mod:`loopserve.attention.cover`;
+- ``decode_attention.c``: one decode token of each of several conversations over its own
+  keys, used by :mod:`loopserve.attention.decode` (every decode step, alone or batched);
+- ``skinny_linear.c``: y = x W^T for up to 16 rows, used by
+  :mod:`loopserve.models.native_linear`.
 
-:func:`native_kernels` builds (or loads the cached build of) both into one library; see
+:func:`native_kernels` builds (or loads the cached build of) all of them into one library; see
 :mod:`loopserve.native.loader` (the build, its cache key and failures). Without a
 compiler the callers' pure-PyTorch paths run.
 """
