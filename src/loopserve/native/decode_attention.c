@@ -17,9 +17,8 @@
 #include "slash_vector.h"
 
 #define CHUNK 256 /* keys per work item */
-#define MAX_G 16
+#define MAX_G 16  /* larger query groups or heads take the torch path */
 #define MAX_D 256
-
 
 /* exp(s[j] - mx) in place over one row of n scores; returns their sum. */
 static inline float exp_row(float *s, int64_t n, float mx) {
@@ -40,9 +39,8 @@ static inline float exp_row(float *s, int64_t n, float mx) {
 
 /* One chunk: keys k[0..n) (token stride D) against G query rows q (G x D); writes the
    chunk's row maxima m, sums of exp l and unnormalised value sums acc (G x D). */
-static void chunk_partial(
-    const float *q, const float *k, const float *v, int64_t n, int64_t G, int64_t D,
-    float scale, float *m, float *l, float *acc) {
+static void chunk_partial(const float *q, const float *k, const float *v, int64_t n, int64_t G, int64_t D,
+                          float scale, float *m, float *l, float *acc) {
     float s[MAX_G][CHUNK] __attribute__((aligned(64)));
     for (int64_t g = 0; g < G; ++g) m[g] = -INFINITY;
     if (D % W == 0) {
