@@ -80,7 +80,10 @@ class SessionLayer(CacheLayerMixin):
             pos[:, :start] = self._pos[:, :start]
             self._pos = pos
         next_pos = int(self._pos[0, start - 1]) + 1 if start > 0 else 0
-        self._pos[:, start : start + n] = torch.arange(next_pos, next_pos + n, device=self.device)
+        if n == 1:  # a decode step: a scalar fill, no arange (this runs per layer and token)
+            self._pos[:, start] = next_pos
+        else:
+            self._pos[:, start : start + n] = torch.arange(next_pos, next_pos + n, device=self.device)
         self.length = start + n
         if self._view_base is None:
             return self.keys, self.values
