@@ -36,19 +36,25 @@ def attention_scores(
     _, h, w, d = q.shape
     h_kv, n = k.shape[1], k.shape[2]
     g = h // h_kv
-    # Scale the (few) queries rather than the (many) logits: one pass less over (H_kv, g*w, N).
+    # Scale the (few) queries rather than the (many) logits: one pass less over the logits.
     qf = (q[0].float() * scaling).reshape(h_kv, g * w, d)
-    logits = torch.matmul(qf, k[0].float().transpose(-1, -2))  # (H_kv, g*w, N)
-    if q_pos is not None and k_pos is not None:
-        rows = q_pos.repeat(g).view(1, g * w, 1)
-        cols = k_pos.view(-1, 1, n) if k_pos.dim() == 2 else k_pos.view(1, 1, n)
-        logits.masked_fill_(cols > rows, float("-inf"))
-    # Softmax in place, and its sum over rows as one product with the rows' 1 / sum: no
-    # second (H_kv, g*w, N) tensor (at long context a fresh one costs more in page faults
-    # than the arithmetic).
-    probs = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
-    inv = probs.sum(-1, keepdim=True).reciprocal_()  # (H_kv, g*w, 1)
-    return torch.bmm(inv.transpose(1, 2), probs)[:, 0]
+    kf = k[0].float()
+    masked = q_pos is not None and k_pos is not None
+    rows = q_pos.repeat(g).view(g * w, 1) if masked else None
+    out = torch.empty(h_kv, n, dtype=torch.float32, device=q.device)
+    # One KV head at a time: its (g*w, N) logits stay in cache through the softmax and the
+    # sum below (all heads at once spill to memory between the passes).
+    for head in range(h_kv):
+        logits = torch.mm(qf[head], kf[head].t())
+        if masked:
+            cols = (k_pos[head] if k_pos.dim() == 2 else k_pos).view(1, n)
+            logits.masked_fill_(cols > rows, float("-inf"))
+        # Softmax in place, and its sum over rows as one product with the rows' 1 / sum: no
+        # second (g*w, N) tensor (a fresh one costs more in page faults than the arithmetic).
+        probs = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+        inv = probs.sum(-1, keepdim=True).reciprocal_()  # (g*w, 1)
+        torch.mm(inv.t(), probs, out=out[head : head + 1])
+    return out
 
 
 def max_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
