@@ -93,3 +93,14 @@ def test_layouts_the_kernel_cannot_read_fall_back_to_the_torch_path():
 
 def test_empty_batch():
     assert decode_attention([], [], [], 0.5) == []
+
+
+def test_a_segment_the_kernel_cannot_take_leaves_the_others_on_their_own_path():
+    segs = [segment(9, 3, N, 64, seed=20 + N) for N in (40, 300)]
+    q, k, v = segment(9, 3, 100, 64, seed=5)
+    odd = (q.bfloat16(), k.bfloat16(), v.bfloat16())
+    batch = [segs[0], odd, segs[1]]
+    outs = decode_attention(*map(list, zip(*batch)), 0.125)
+    assert outs[1].dtype == torch.bfloat16 and torch.equal(outs[1], torch_decode_attention(*odd, 0.125))
+    for (qs, ks, vs), out in zip(segs, (outs[0], outs[2])):
+        assert torch.equal(out, decode_attention([qs], [ks], [vs], 0.125)[0])

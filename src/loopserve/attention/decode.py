@@ -41,34 +41,38 @@ def decode_attention(queries: list[torch.Tensor], keys: list[torch.Tensor], valu
                      scaling: float | None = None) -> list[torch.Tensor]:
     """Segment i: query ``(1, H, 1, D)`` over keys/values ``(1, H_kv, N_i, D)``; returns each
     segment's ``(1, H, 1, D)`` output. Segments are independent: each output is the same
-    whatever the other segments are."""
-    if not queries:
-        return []
-    D = queries[0].shape[-1]
-    scale = D**-0.5 if scaling is None else scaling
-    if _native_usable(queries, keys, values):
-        return _native(queries, keys, values, scale)
-    return [torch_decode_attention(q, k, v, scale) for q, k, v in zip(queries, keys, values)]
+    whatever the other segments are (each takes the path it would take alone)."""
+    kernels = native_kernels() if queries else None
+    outs: list[torch.Tensor | None] = [None] * len(queries)
+    groups: dict[tuple, list[int]] = {}  # segments the kernel can take, by (H, H_kv, D)
+    for i, (q, k, v) in enumerate(zip(queries, keys, values)):
+        if kernels is not None and _native_usable(q, k, v, kernels):
+            groups.setdefault((q.shape[1], k.shape[1], q.shape[-1]), []).append(i)
+    for (H, Hkv, D), members in groups.items():
+        scale = D**-0.5 if scaling is None else scaling
+        attended = _native(kernels, [queries[i] for i in members], [keys[i] for i in members],
+                           [values[i] for i in members], H, Hkv, D, scale)
+        for i, out in zip(members, attended):
+            outs[i] = out
+    for i, (q, k, v) in enumerate(zip(queries, keys, values)):
+        if outs[i] is None:
+            outs[i] = torch_decode_attention(q, k, v, scaling)
+    return outs
 
 
-def _native_usable(queries, keys, values) -> bool:
-    q0, k0 = queries[0], keys[0]
-    if q0.device.type != "cpu":
+def _native_usable(q, k, v, kernels) -> bool:
+    if q.device.type != "cpu" or q.dim() != 4 or k.dim() != 4:
         return False
-    _, H, _, D = q0.shape
-    Hkv = k0.shape[1]
-    if H % Hkv:
+    _, H, _, D = q.shape
+    Hkv = k.shape[1]
+    if H % Hkv or q.shape != (1, H, 1, D) or k.shape[0] != 1 or k.shape[-1] != D or v.shape != k.shape:
         return False
-    for q, k, v in zip(queries, keys, values):
-        if q.shape != (1, H, 1, D) or k.shape[:2] != (1, Hkv) or k.shape[-1] != D or v.shape != k.shape:
-            return False
-        if not (q.dtype == k.dtype == v.dtype == torch.float32) or k.shape[2] < 1:
-            return False
-        # Within a head, tokens follow each other densely (a store or view buffer's slice).
-        if k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride(-2) != D or v.stride(-2) != D:
-            return False
-    kernels = native_kernels()
-    return kernels is not None and bool(kernels.decode_attention_supported(H // Hkv, D))
+    if not (q.dtype == k.dtype == v.dtype == torch.float32) or k.shape[2] < 1:
+        return False
+    # Within a head, tokens follow each other densely (a store or view buffer's slice).
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride(-2) != D or v.stride(-2) != D:
+        return False
+    return bool(kernels.decode_attention_supported(H // Hkv, D))
 
 
 _scratch = threading.local()
@@ -82,11 +86,8 @@ def _scratch_buffer(n: int) -> torch.Tensor:
     return buf
 
 
-def _native(queries, keys, values, scale: float) -> list[torch.Tensor]:
-    kernels = native_kernels()
+def _native(kernels, queries, keys, values, H: int, Hkv: int, D: int, scale: float) -> list[torch.Tensor]:
     S = len(queries)
-    _, H, _, D = queries[0].shape
-    Hkv = keys[0].shape[1]
     queries = [q.contiguous() for q in queries]
     out = torch.empty(S, 1, H, 1, D)
     i64s, ptrs = ctypes.c_int64 * S, ctypes.c_void_p * S
