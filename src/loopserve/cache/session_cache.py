@@ -186,7 +186,7 @@ class SessionLayer(CacheLayerMixin):
         if self._vk is None or self._vk.shape[1] != h or self._vk.shape[2] < L:
             self._vk = self._k.new_empty(1, h, cap, self._k.shape[-1])
             self._vv = self._v.new_empty(1, h, cap, self._v.shape[-1])
-        # Row copies per head (index_select): torch.gather reads an index per element, ~4x slower.
+        # Row copies per head (index_select): torch.gather reads an index per element, much slower.
         for head in range(h):
             torch.index_select(self.keys[0, head], 0, idx[head], out=self._vk[0, head, :L])
             torch.index_select(self.values[0, head], 0, idx[head], out=self._vv[0, head, :L])

@@ -2,7 +2,7 @@
 
 A decode step multiplies one row per conversation by every weight matrix. On a CPU that is
 bound by reading the weights, and BLAS sgemm, which packs the weights before multiplying,
-makes 8 rows cost about twice one row; ``loopserve/native/skinny_linear.c`` reads each
+makes a few rows cost far more than one; ``loopserve/native/skinny_linear.c`` reads each
 weight once for all rows (``benchmarks/skinny_linear.py`` measures both), which is what
 lets the scheduler batch decode steps of many conversations for little more than one.
 Its sums also do not depend on how many rows a call has, so a conversation's logits in

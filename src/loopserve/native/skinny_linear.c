@@ -2,8 +2,8 @@
 
    A decode step multiplies one row per conversation by every weight matrix, so it is
    bound by reading the weights. BLAS sgemm packs the weights into panels first, which for
-   2-16 rows makes the step read (and write) them more than once: 8 rows cost twice what
-   one row does. Here each block of R weight rows is read once, straight from the
+   2-16 rows makes the step read (and write) them more than once, so a few rows cost far
+   more than one. Here each block of R weight rows is read once, straight from the
    weight matrix (the next block prefetched meanwhile), and multiplied by up to MT rows of x
    at a time (x stays in L1); the blocks are split over the process's OpenMP threads
    (torch's runtime, see loader.py). Prefetches past the matrix's end are harmless: they
