@@ -104,3 +104,29 @@ def test_a_segment_the_kernel_cannot_take_leaves_the_others_on_their_own_path():
     assert outs[1].dtype == torch.bfloat16 and torch.equal(outs[1], torch_decode_attention(*odd, 0.125))
     for (qs, ks, vs), out in zip(segs, (outs[0], outs[2])):
         assert torch.equal(out, decode_attention([qs], [ks], [vs], 0.125)[0])
+
+
+def view_of(k, seed, L, tail):
+    """Sorted store indices (H_kv, L) below `tail`, as a selection leaves them."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(tail, generator=g)[:L].sort().values for _ in range(k.shape[1])])
+
+
+@pytest.mark.parametrize("H,Hkv,D", SHAPES)
+def test_a_view_read_by_index_is_the_same_bits_as_its_rows_copied_out(H, Hkv, D):
+    segs = [segment(H, Hkv, N, D, seed=30 + N) for N in (300, 700)]
+    views = [(view_of(segs[0][1], 1, 200, 280), 280), (view_of(segs[1][1], 2, 300, 650), 650)]
+    by_index = decode_attention(*map(list, zip(*segs)), 0.2, views)
+    for (q, k, v), view, out in zip(segs, views, by_index):
+        rows = torch.cat([view[0], torch.arange(view[1], k.shape[2]).expand(Hkv, -1)], dim=1)
+        k_copy = torch.stack([k[0, h, rows[h]] for h in range(Hkv)])[None]
+        v_copy = torch.stack([v[0, h, rows[h]] for h in range(Hkv)])[None]
+        assert torch.equal(out, decode_attention([q], [k_copy], [v_copy], 0.2)[0])
+        torch.testing.assert_close(out.double(), reference(q, k_copy, v_copy, 0.2), rtol=0.0, atol=2e-6)
+    # The torch path (here for bf16) reads the same rows.
+    q, k, v = (t.bfloat16() for t in segs[0])
+    (out,) = decode_attention([q], [k], [v], 0.2, [views[0]])
+    rows = torch.cat([views[0][0], torch.arange(280, 300).expand(Hkv, -1)], dim=1)
+    k_copy = torch.stack([k[0, h, rows[h]] for h in range(Hkv)])[None]
+    v_copy = torch.stack([v[0, h, rows[h]] for h in range(Hkv)])[None]
+    assert torch.equal(out, torch_decode_attention(q, k_copy, v_copy, 0.2))

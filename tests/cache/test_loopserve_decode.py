@@ -146,3 +146,39 @@ def test_first_rescoring_after_n_first_tokens_then_every_n_d(tiny_models):
     changes = _record_view_changes(s)
     s.chat(LONG, SamplingParams(max_new_tokens=12))
     assert [i + 1 for i, c in enumerate(changes) if c] == [2, 6, 10]  # n_first, then every n_d = 4
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_views_read_by_index_give_the_same_tokens_as_copied_views(tiny_models, name):
+    """The engine's caches keep a selection as store indices when its decode attention reads
+    rows by index; the copied compact view must decode the same tokens."""
+    engine = Engine(tiny_models[name])
+    assert engine.new_cache().index_views == engine._index_views
+    answers = {}
+    for index_views in (True, False):
+        engine._index_views = index_views
+        session = engine.new_session(method="loopserve", knobs=SMALL)
+        answers[index_views] = [session.chat(text, SamplingParams(max_new_tokens=12)).token_ids
+                                for text in [LONG, "And then?"]]
+        layer = session.cache.layers[0]
+        assert layer.index_views == index_views and layer.view_idx is not None  # a selection was made
+        assert (layer.view_rows is not None) == index_views
+    assert answers[True] == answers[False]
+
+
+def test_index_view_keeps_indices_returns_the_store_and_rejects_bad_rows():
+    from loopserve.cache.session_cache import SessionLayer
+
+    layer = SessionLayer(index_views=True)
+    k, v = torch.randn(1, 2, 10, 4), torch.randn(1, 2, 10, 4)
+    layer.update(k, v)
+    with pytest.raises(IndexError, match=r"\[0, 10\)"):
+        layer.set_view(torch.tensor([[0, 10], [1, 2]]))
+    layer.set_view(torch.tensor([[0, 3, 7], [1, 2, 9]]))
+    keys, values = layer.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+    assert keys.shape[2] == 11 and torch.equal(keys[..., :10, :], k)  # the store, not a copy
+    rows, tail = layer.view_rows
+    assert rows.tolist() == [[0, 3, 7], [1, 2, 9]] and tail == 10
+    assert layer.active_tokens == 4 and layer.view_idx[:, -1].tolist() == [10, 10]
+    layer.clear_view()
+    assert layer.view_rows is None and layer.active_tokens == 11

@@ -21,7 +21,17 @@ import torch
 
 from ..native import native_kernels
 
-__all__ = ["decode_attention", "torch_decode_attention"]
+__all__ = ["decode_attention", "reads_views_by_index", "torch_decode_attention"]
+
+
+def reads_views_by_index(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> bool:
+    """Whether decode attention for this shape, dtype and device runs the native kernel,
+    which reads a selected view's rows from the store by index (so a cache need not copy
+    them out at each selection)."""
+    if torch.device(device).type != "cpu" or dtype != torch.float32 or heads % kv_heads:
+        return False
+    kernels = native_kernels()
+    return kernels is not None and bool(kernels.decode_attention_supported(heads // kv_heads, head_dim))
 
 
 def torch_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
@@ -38,10 +48,16 @@ def torch_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
 
 
 def decode_attention(queries: list[torch.Tensor], keys: list[torch.Tensor], values: list[torch.Tensor],
-                     scaling: float | None = None) -> list[torch.Tensor]:
+                     scaling: float | None = None, views: list | None = None) -> list[torch.Tensor]:
     """Segment i: query ``(1, H, 1, D)`` over keys/values ``(1, H_kv, N_i, D)``; returns each
     segment's ``(1, H, 1, D)`` output. Segments are independent: each output is the same
-    whatever the other segments are (each takes the path it would take alone)."""
+    whatever the other segments are (each takes the path it would take alone).
+
+    ``views[i]``, if given and not None, is ``(rows, tail)``: segment i attends, per KV head h,
+    the tokens ``rows[h]`` (an ``(H_kv, L)`` int64 tensor) and then every token from ``tail``
+    to N_i - 1, read straight from keys/values (a selected view without a copy of its rows).
+    The result is the same bits as attending those rows copied out."""
+    views = views if views is not None else [None] * len(queries)
     kernels = native_kernels() if queries else None
     outs: list[torch.Tensor | None] = [None] * len(queries)
     groups: dict[tuple, list[int]] = {}  # segments the kernel can take, by (H, H_kv, D)
@@ -51,13 +67,23 @@ def decode_attention(queries: list[torch.Tensor], keys: list[torch.Tensor], valu
     for (H, Hkv, D), members in groups.items():
         scale = D**-0.5 if scaling is None else scaling
         attended = _native(kernels, [queries[i] for i in members], [keys[i] for i in members],
-                           [values[i] for i in members], H, Hkv, D, scale)
+                           [values[i] for i in members], [views[i] for i in members], H, Hkv, D, scale)
         for i, out in zip(members, attended):
             outs[i] = out
     for i, (q, k, v) in enumerate(zip(queries, keys, values)):
         if outs[i] is None:
+            if views[i] is not None:
+                k, v = _view_rows(k, views[i]), _view_rows(v, views[i])
             outs[i] = torch_decode_attention(q, k, v, scaling)
     return outs
+
+
+def _view_rows(x: torch.Tensor, view) -> torch.Tensor:
+    """The view's rows of x ``(1, H_kv, N, D)``, copied out: ``(1, H_kv, L + N - tail, D)``."""
+    rows, tail = view
+    h = rows.shape[0]
+    idx = torch.cat([rows, torch.arange(tail, x.shape[2], device=rows.device).expand(h, -1)], dim=1)
+    return torch.gather(x, 2, idx.view(1, h, -1, 1).expand(1, h, idx.shape[1], x.shape[-1]))
 
 
 def _native_usable(q, k, v, kernels) -> bool:
@@ -75,6 +101,8 @@ def _native_usable(q, k, v, kernels) -> bool:
     return bool(kernels.decode_attention_supported(H // Hkv, D))
 
 
+CHUNK_KEYS = 256  # keys per work item in decode_attention.c (a view's chunk is gathered per thread)
+
 _scratch = threading.local()
 
 
@@ -86,18 +114,25 @@ def _scratch_buffer(n: int) -> torch.Tensor:
     return buf
 
 
-def _native(kernels, queries, keys, values, H: int, Hkv: int, D: int, scale: float) -> list[torch.Tensor]:
+def _native(kernels, queries, keys, values, views, H: int, Hkv: int, D: int, scale: float) -> list[torch.Tensor]:
     S = len(queries)
     queries = [q.contiguous() for q in queries]
     out = torch.empty(S, 1, H, 1, D)
     i64s, ptrs = ctypes.c_int64 * S, ctypes.c_void_p * S
-    lens = i64s(*(k.shape[2] for k in keys))
-    scratch = _scratch_buffer(kernels.decode_attention_scratch_floats(S, lens, Hkv, H // Hkv, D))
+    # A view's length is its selected rows plus the tokens from `tail` on.
+    lens = i64s(*(k.shape[2] if view is None else view[0].shape[1] + k.shape[2] - view[1] for k, view in zip(keys, views)))
+    threads = torch.get_num_threads()
+    floats = kernels.decode_attention_scratch_floats(S, lens, Hkv, H // Hkv, D)
+    scratch = _scratch_buffer(floats + threads * 2 * CHUNK_KEYS * D)
+    rows = [None if view is None else view[0].contiguous() for view in views]
     row = H * D * out.element_size()
     kernels.decode_attention(
         S, lens, i64s(*(k.stride(1) for k in keys)), i64s(*(v.stride(1) for v in values)),
         ptrs(*(q.data_ptr() for q in queries)), ptrs(*(k.data_ptr() for k in keys)),
         ptrs(*(v.data_ptr() for v in values)), ptrs(*(out.data_ptr() + i * row for i in range(S))),
-        Hkv, H // Hkv, D, scale, scratch.data_ptr(), torch.get_num_threads(),
+        ptrs(*(r.data_ptr() if r is not None else None for r in rows)),
+        i64s(*(r.shape[1] if r is not None else 0 for r in rows)),
+        i64s(*(view[1] if view is not None else 0 for view in views)),
+        Hkv, H // Hkv, D, scale, scratch.data_ptr(), scratch.data_ptr() + floats * scratch.element_size(), threads,
     )
     return list(out.unbind(0))

@@ -40,9 +40,12 @@ class SessionLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, dtype: torch.dtype | None = None, **kwargs):
+    def __init__(self, dtype: torch.dtype | None = None, index_views: bool = False, **kwargs):
         super().__init__()
         self.kv_dtype = dtype  # None: the dtype of the first keys stored
+        # Index views: a selection keeps only its store indices (no copy of the rows); decode
+        # attention reads them from the store (`view_rows`), see `update`.
+        self.index_views = index_views
         self.length = 0  # tokens resident per KV head
         self._k = self._v = None  # (1, H_kv, cap, D)
         self._pos = None  # (H_kv, cap) absolute positions of resident tokens
@@ -87,6 +90,10 @@ class SessionLayer(CacheLayerMixin):
         self.length = start + n
         if self._view_base is None:
             return self.keys, self.values
+        if self.index_views:
+            # The store, whole: attention reads the view's rows through `view_rows`.
+            self.view_len += n
+            return self.keys, self.values
         # Active view: new tokens are always attended (they are this turn's own tokens).
         m = self.view_len
         self._vk = _grown(self._vk, m + n)
@@ -106,7 +113,7 @@ class SessionLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.kv_dtype)
+        self.__init__(self.kv_dtype, self.index_views)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last `-tokens_to_remove` logical tokens (transformers' negative convention)."""
@@ -166,6 +173,15 @@ class SessionLayer(CacheLayerMixin):
         return self.view_len if self._view_base is not None else self.length
 
     @property
+    def view_rows(self) -> tuple[torch.Tensor, int] | None:
+        """With an index view active: ``(rows, tail)``, the selected store indices (H_kv, L0)
+        and the first store index appended since (all attended); else None (the tensors
+        `update` returned are what decode attends)."""
+        if self._view_base is None or not self.index_views:
+            return None
+        return self._view_base, self._view_start
+
+    @property
     def view_idx(self) -> torch.Tensor | None:
         """(H_kv, L) store indices the next decode step attends to, or None (all)."""
         if self._view_base is None:
@@ -179,6 +195,13 @@ class SessionLayer(CacheLayerMixin):
         """Attend only to store indices `idx` (H_kv, L), sorted per head, from now on."""
         idx = idx.to(self.device, torch.long)
         h, L = idx.shape
+        if self.index_views:
+            if L and (int(idx.min()) < 0 or int(idx.max()) >= self.length):
+                raise IndexError(f"view indices must lie in [0, {self.length}) (the tokens stored)")
+            self._view_base = idx.contiguous()
+            self._view_start = self.length
+            self.view_len = L
+            return
         # Leave room for the tokens decoded until the next selection: no regrowth per step.
         cap = L + _VIEW_SLACK
         # The previous view's buffers are reused when they are large enough: a selection
@@ -214,11 +237,13 @@ class SessionLayer(CacheLayerMixin):
 class SessionCache(Cache):
     """A `Cache` of `SessionLayer`s, one per decoder layer."""
 
-    def __init__(self, num_layers: int, dtype: torch.dtype | None = None):
+    def __init__(self, num_layers: int, dtype: torch.dtype | None = None, index_views: bool = False):
         """``dtype``: the KV storage dtype (keys and values written in another are converted);
-        None stores them as the model computes them."""
-        super().__init__(layers=[SessionLayer(dtype) for _ in range(num_layers)])
+        None stores them as the model computes them. ``index_views``: selections keep store
+        indices instead of copies (for a decode attention that reads rows by index)."""
+        super().__init__(layers=[SessionLayer(dtype, index_views) for _ in range(num_layers)])
         self.kv_dtype = dtype
+        self.index_views = index_views
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         # Logical length (absolute position of the next token), not the resident count, so
@@ -236,7 +261,7 @@ class SessionCache(Cache):
     def prefix_copy(self, n: int) -> "SessionCache | None":
         """A new cache holding a copy of the first n tokens' KV, or None when the cache
         cannot be cut there (bounded-mode eviction left per-head holes, or fewer tokens)."""
-        out = SessionCache(len(self.layers), self.kv_dtype)
+        out = SessionCache(len(self.layers), self.kv_dtype, self.index_views)
         if n <= 0:
             return out
         for src, dst in zip(self.layers, out.layers):

@@ -100,8 +100,9 @@ def _attend_packed(ctx: PackedContext, layer_idx: int, query, scaling: float) ->
     outs: list[torch.Tensor | None] = [None] * len(queries)
     decoding = [i for i, q in enumerate(queries) if q.shape[-2] == 1 and q.dtype == kv[i][0].dtype]
     if decoding:
+        views = [ctx.contexts[i].cache.layers[layer_idx].view_rows for i in decoding]
         attended = decode_attention([queries[i] for i in decoding], [kv[i][0] for i in decoding],
-                                    [kv[i][1] for i in decoding], scaling)
+                                    [kv[i][1] for i in decoding], scaling, views)
         for i, out in zip(decoding, attended):
             c = ctx.contexts[i]
             c.scaling = scaling
@@ -128,8 +129,10 @@ def _attend(ctx: TurnContext, layer_idx: int, query, key, value, scaling: float)
         if ctx.on_prefill_layer is not None:
             ctx.on_prefill_layer(layer_idx, query.shape[-2])
     else:
-        # The cache layer already returned the active view (full store or compact selection).
-        out = dense_attention(query, key, value, scaling)
+        # The cache layer returned the active view (the full store or a compact selection),
+        # or the store with the view's rows to read from it (`view_rows`).
+        view = ctx.cache.layers[layer_idx].view_rows
+        out = decode_attention([query], [key], [value], scaling, [view])[0]
         ctx.decode.observe_decode(ctx, layer_idx, query, ctx.cache.layers[layer_idx])
     return out
 

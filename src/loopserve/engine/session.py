@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 
 from ..cache.packed_cache import PackedCache
+from ..attention.decode import reads_views_by_index
 from ..cache.session_cache import SessionCache
 from ..models.native_linear import use_native_linears
 from ..threads import configure as configure_threads
@@ -66,6 +67,10 @@ class Engine:
         # than one row); prefill keeps sgemm. The prefill copy in bf16, if any, is left as is.
         use_native_linears(self.model)
         self.num_layers = self.model.config.num_hidden_layers
+        cfg = self.model.config
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self._index_views = reads_views_by_index(cfg.num_attention_heads, kv_heads, head_dim, self.model.dtype, self.device)
         self.max_context = loaded.max_context
         eos = set()
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
@@ -83,8 +88,9 @@ class Engine:
         return Session(self, method, knobs, **kw)
 
     def new_cache(self) -> SessionCache:
-        """An empty KV cache for one conversation, stored in the decode weights' dtype."""
-        return SessionCache(self.num_layers, self.model.dtype)
+        """An empty KV cache for one conversation, stored in the decode weights' dtype; its
+        selections are index views when decode attention reads rows by index."""
+        return SessionCache(self.num_layers, self.model.dtype, self._index_views)
 
     def encode_messages(self, messages: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -13,6 +13,10 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "slash_vector.h"
 
@@ -183,12 +187,18 @@ int64_t decode_attention_scratch_floats(int64_t S, const int64_t *lens, int64_t 
 }
 
 /* Segment s: query qs[s] (H x D, H = H_kv * G, head-major), keys ks[s] and values vs[s]
-   (H_kv heads of lens[s] tokens, token stride D, head strides kstrides[s] and vstrides[s]
-   floats), output outs[s] (H x D). scratch: decode_attention_scratch_floats(...) floats;
-   threads: the OpenMP threads to run on. */
+   (H_kv heads, token stride D, head strides kstrides[s] and vstrides[s] floats), output
+   outs[s] (H x D). The segment attends lens[s] keys: tokens 0 .. lens[s] - 1 of each head,
+   or, where views[s] is not NULL, a selected view of them: key j of head h is token
+   views[s][h * view_lens[s] + j] for j < view_lens[s], then tails[s] + (j - view_lens[s])
+   (the tokens appended since the selection). A view's chunks are copied into the thread's
+   part of `gather` (2 * CHUNK * D floats per thread) before the same chunk function runs,
+   so a view gives the same bits as its rows copied out beforehand. scratch:
+   decode_attention_scratch_floats(...) floats; threads: the OpenMP threads to run on. */
 void decode_attention(int64_t S, const int64_t *lens, const int64_t *kstrides, const int64_t *vstrides, float *const *qs,
-                      float *const *ks, float *const *vs, float *const *outs, int64_t H_kv, int64_t G,
-                      int64_t D, float scale, float *scratch, int64_t threads) {
+                      float *const *ks, float *const *vs, float *const *outs, const int64_t *const *views,
+                      const int64_t *view_lens, const int64_t *tails, int64_t H_kv, int64_t G, int64_t D, float scale,
+                      float *scratch, float *gather, int64_t threads) {
     /* Work items: per segment, per KV head, per chunk (first item index of each segment). */
     int64_t first[S + 1];
     first[0] = 0;
@@ -197,6 +207,11 @@ void decode_attention(int64_t S, const int64_t *lens, const int64_t *kstrides, c
     const chunk_fn fast = fast_chunk(G, D);
 #pragma omp parallel num_threads(threads)
     {
+#ifdef _OPENMP
+        float *own = gather + (int64_t)omp_get_thread_num() * 2 * CHUNK * D;
+#else
+        float *own = gather;
+#endif
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; ++it) {
             int64_t s = 0;
@@ -205,7 +220,21 @@ void decode_attention(int64_t S, const int64_t *lens, const int64_t *kstrides, c
             const int64_t h = local / chunks, c = local % chunks;
             const int64_t j0 = c * CHUNK, n = lens[s] - j0 < CHUNK ? lens[s] - j0 : CHUNK;
             const float *q = qs[s] + h * G * D;
-            const float *k = ks[s] + h * kstrides[s] + j0 * D, *v = vs[s] + h * vstrides[s] + j0 * D;
+            const float *k = ks[s] + h * kstrides[s], *v = vs[s] + h * vstrides[s];
+            if (views && views[s]) {
+                const int64_t L0 = view_lens[s], *rows = views[s] + h * L0;
+                float *kc = own, *vc = own + CHUNK * D;
+                for (int64_t j = 0; j < n; ++j) {
+                    const int64_t r = j0 + j < L0 ? rows[j0 + j] : tails[s] + (j0 + j - L0);
+                    memcpy(kc + j * D, k + r * D, D * sizeof(float));
+                    memcpy(vc + j * D, v + r * D, D * sizeof(float));
+                }
+                k = kc;
+                v = vc;
+            } else {
+                k += j0 * D;
+                v += j0 * D;
+            }
             float *part = scratch + it * per;
             if (fast)
                 fast(q, k, v, n, scale, part, part + G, part + 2 * G);
