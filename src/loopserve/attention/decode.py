@@ -101,8 +101,6 @@ def _native_usable(q, k, v, kernels) -> bool:
     return bool(kernels.decode_attention_supported(H // Hkv, D))
 
 
-CHUNK_KEYS = 256  # keys per work item in decode_attention.c (a view's chunk is gathered per thread)
-
 _scratch = threading.local()
 
 
@@ -122,8 +120,7 @@ def _native(kernels, queries, keys, values, views, H: int, Hkv: int, D: int, sca
     # A view's length is its selected rows plus the tokens from `tail` on.
     lens = i64s(*(k.shape[2] if view is None else view[0].shape[1] + k.shape[2] - view[1] for k, view in zip(keys, views)))
     threads = torch.get_num_threads()
-    floats = kernels.decode_attention_scratch_floats(S, lens, Hkv, H // Hkv, D)
-    scratch = _scratch_buffer(floats + threads * 2 * CHUNK_KEYS * D)
+    scratch = _scratch_buffer(kernels.decode_attention_scratch_floats(S, lens, Hkv, H // Hkv, D, threads))
     rows = [None if view is None else view[0].contiguous() for view in views]
     row = H * D * out.element_size()
     kernels.decode_attention(
@@ -133,6 +130,6 @@ def _native(kernels, queries, keys, values, views, H: int, Hkv: int, D: int, sca
         ptrs(*(r.data_ptr() if r is not None else None for r in rows)),
         i64s(*(r.shape[1] if r is not None else 0 for r in rows)),
         i64s(*(view[1] if view is not None else 0 for view in views)),
-        Hkv, H // Hkv, D, scale, scratch.data_ptr(), scratch.data_ptr() + floats * scratch.element_size(), threads,
+        Hkv, H // Hkv, D, scale, scratch.data_ptr(), threads,
     )
     return list(out.unbind(0))

@@ -179,11 +179,13 @@ static chunk_fn fast_chunk(int64_t G, int64_t D) {
 
 int decode_attention_supported(int64_t G, int64_t D) { return G >= 1 && G <= MAX_G && D >= 1 && D <= MAX_D; }
 
-/* Floats of scratch one call needs: (G * D + 2 * G) per work item. */
-int64_t decode_attention_scratch_floats(int64_t S, const int64_t *lens, int64_t H_kv, int64_t G, int64_t D) {
+/* Floats of scratch one call needs: (G * D + 2 * G) per work item for the chunks' partial
+   results, then 2 * CHUNK * D per thread for the rows of a view's chunk. */
+int64_t decode_attention_scratch_floats(int64_t S, const int64_t *lens, int64_t H_kv, int64_t G, int64_t D,
+                                        int64_t threads) {
     int64_t items = 0;
     for (int64_t s = 0; s < S; ++s) items += H_kv * ((lens[s] + CHUNK - 1) / CHUNK);
-    return items * (G * D + 2 * G);
+    return items * (G * D + 2 * G) + threads * 2 * CHUNK * D;
 }
 
 /* Segment s: query qs[s] (H x D, H = H_kv * G, head-major), keys ks[s] and values vs[s]
@@ -192,18 +194,19 @@ int64_t decode_attention_scratch_floats(int64_t S, const int64_t *lens, int64_t 
    or, where views[s] is not NULL, a selected view of them: key j of head h is token
    views[s][h * view_lens[s] + j] for j < view_lens[s], then tails[s] + (j - view_lens[s])
    (the tokens appended since the selection). A view's chunks are copied into the thread's
-   part of `gather` (2 * CHUNK * D floats per thread) before the same chunk function runs,
-   so a view gives the same bits as its rows copied out beforehand. scratch:
-   decode_attention_scratch_floats(...) floats; threads: the OpenMP threads to run on. */
+   part of the scratch before the same chunk function runs, so a view gives the same bits as
+   its rows copied out beforehand. scratch: decode_attention_scratch_floats(..., threads)
+   floats; threads: the OpenMP threads to run on. */
 void decode_attention(int64_t S, const int64_t *lens, const int64_t *kstrides, const int64_t *vstrides, float *const *qs,
                       float *const *ks, float *const *vs, float *const *outs, const int64_t *const *views,
                       const int64_t *view_lens, const int64_t *tails, int64_t H_kv, int64_t G, int64_t D, float scale,
-                      float *scratch, float *gather, int64_t threads) {
+                      float *scratch, int64_t threads) {
     /* Work items: per segment, per KV head, per chunk (first item index of each segment). */
     int64_t first[S + 1];
     first[0] = 0;
     for (int64_t s = 0; s < S; ++s) first[s + 1] = first[s] + H_kv * ((lens[s] + CHUNK - 1) / CHUNK);
     const int64_t items = first[S], per = G * D + 2 * G;
+    float *const gather = scratch + items * per; /* per thread: one view chunk's keys and values */
     const chunk_fn fast = fast_chunk(G, D);
 #pragma omp parallel num_threads(threads)
     {

@@ -73,7 +73,7 @@ class NativeKernels:
     kernel has a specialisation for G query heads per KV head and head dimension D;
     ``slash_scratch_floats(G, D)`` is the scratch size one ``slash_attention`` call needs;
     ``decode_attention_supported(G, D)`` and ``decode_attention_scratch_floats(S, lens,
-    H_kv, G, D)`` likewise for ``decode_attention``. ``skinny_linear`` is y = x W^T (+ b)
+    H_kv, G, D, threads)`` likewise for ``decode_attention``. ``skinny_linear`` is y = x W^T (+ b)
     for a few rows of x.
     """
 
@@ -139,11 +139,11 @@ def _bind(lib: ctypes.CDLL, path: Path) -> NativeKernels:
     mass.restype, mass.argtypes = None, [ptr, ptr, i64, i64, i64, ptr]
     decode = lib.decode_attention
     decode.restype = None
-    decode.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_float, ptr, ptr, i64]
+    decode.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_float, ptr, i64]
     decode_supported = lib.decode_attention_supported
     decode_supported.restype, decode_supported.argtypes = ctypes.c_int, [i64, i64]
     decode_scratch = lib.decode_attention_scratch_floats
-    decode_scratch.restype, decode_scratch.argtypes = i64, [i64, ptr, i64, i64, i64]
+    decode_scratch.restype, decode_scratch.argtypes = i64, [i64, ptr, i64, i64, i64, i64]
     linear = lib.skinny_linear
     linear.restype, linear.argtypes = None, [ptr, i64, i64, ptr, ptr, i64, ptr, i64]
     return NativeKernels(path, slash, supported, scratch, greedy, mass, decode, decode_supported, decode_scratch, linear)
