@@ -13,8 +13,8 @@ from typing import Iterator
 
 import torch
 
-from ..cache.packed_cache import PackedCache
 from ..attention.decode import reads_views_by_index
+from ..cache.packed_cache import PackedCache
 from ..cache.session_cache import SessionCache
 from ..models.native_linear import use_native_linears
 from ..threads import configure as configure_threads
@@ -68,9 +68,10 @@ class Engine:
         use_native_linears(self.model)
         self.num_layers = self.model.config.num_hidden_layers
         cfg = self.model.config
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self._index_views = reads_views_by_index(cfg.num_attention_heads, kv_heads, head_dim, self.model.dtype, self.device)
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self._index_views = reads_views_by_index(cfg.num_attention_heads, self.kv_heads, self.head_dim,
+                                                 self.model.dtype, self.device)
         self.max_context = loaded.max_context
         eos = set()
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
@@ -156,11 +157,8 @@ class Engine:
     @property
     def kv_bytes_per_token(self) -> int:
         """KV bytes one token takes in a full (dense) cache, all layers."""
-        cfg = self.model.config
-        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         itemsize = next(self.model.parameters()).element_size()
-        return self.num_layers * heads * head_dim * 2 * itemsize
+        return self.num_layers * self.kv_heads * self.head_dim * 2 * itemsize
 
 
 class Session:
