@@ -100,18 +100,26 @@ def _attend_packed(ctx: PackedContext, layer_idx: int, query, scaling: float) ->
     outs: list[torch.Tensor | None] = [None] * len(queries)
     decoding = [i for i, q in enumerate(queries) if q.shape[-2] == 1 and q.dtype == kv[i][0].dtype]
     if decoding:
-        views = [ctx.contexts[i].cache.layers[layer_idx].view_rows for i in decoding]
-        attended = decode_attention([queries[i] for i in decoding], [kv[i][0] for i in decoding],
-                                    [kv[i][1] for i in decoding], scaling, views)
+        attended = _decode([ctx.contexts[i] for i in decoding], layer_idx, [queries[i] for i in decoding],
+                           [kv[i] for i in decoding], scaling)
         for i, out in zip(decoding, attended):
-            c = ctx.contexts[i]
-            c.scaling = scaling
-            c.decode.observe_decode(c, layer_idx, queries[i], c.cache.layers[layer_idx])
             outs[i] = out
     for i, (c, q, (k, v)) in enumerate(zip(ctx.contexts, queries, kv)):
         if outs[i] is None:
             outs[i] = _attend(c, layer_idx, q.contiguous(), k, v, scaling)
     return torch.cat(outs, dim=-2)
+
+
+def _decode(contexts: list[TurnContext], layer_idx: int, queries, kv, scaling: float) -> list[torch.Tensor]:
+    """Decode steps of one or several conversations: one `decode_attention` call over what
+    each cache layer returned (the full store, a compact selection, or the store with the
+    view's rows to read from it, `view_rows`), then each decode method observes its step."""
+    layers = [c.cache.layers[layer_idx] for c in contexts]
+    outs = decode_attention(queries, [k for k, _ in kv], [v for _, v in kv], scaling, [layer.view_rows for layer in layers])
+    for c, q, layer in zip(contexts, queries, layers):
+        c.scaling = scaling
+        c.decode.observe_decode(c, layer_idx, q, layer)
+    return outs
 
 
 def _attend(ctx: TurnContext, layer_idx: int, query, key, value, scaling: float) -> torch.Tensor:
@@ -128,13 +136,8 @@ def _attend(ctx: TurnContext, layer_idx: int, query, key, value, scaling: float)
         ctx.decode.observe_prefill(ctx, layer_idx, query, key)
         if ctx.on_prefill_layer is not None:
             ctx.on_prefill_layer(layer_idx, query.shape[-2])
-    else:
-        # The cache layer returned the active view (the full store or a compact selection),
-        # or the store with the view's rows to read from it (`view_rows`).
-        view = ctx.cache.layers[layer_idx].view_rows
-        out = decode_attention([query], [key], [value], scaling, [view])[0]
-        ctx.decode.observe_decode(ctx, layer_idx, query, ctx.cache.layers[layer_idx])
-    return out
+        return out
+    return _decode([ctx], layer_idx, [query], [(key, value)], scaling)[0]
 
 
 def no_mask(*args, **kwargs):
