@@ -4,6 +4,8 @@ rests on: a conversation's output is the same bits in a batch as alone."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -65,13 +67,14 @@ def test_output_in_a_batch_is_the_same_bits_as_alone(H, Hkv, D):
 def test_native_path_is_taken_and_thread_count_does_not_change_the_bits(monkeypatch):
     calls = []
     kernels = native_kernels()
-    monkeypatch.setattr(decode_module, "native_kernels", lambda: calls.append(1) or kernels)
+    spy = dataclasses.replace(kernels, decode_attention=lambda *a: calls.append(a[-1]) or kernels.decode_attention(*a))
+    monkeypatch.setattr(decode_module, "native_kernels", lambda: spy)
     segs = [segment(9, 3, N, 64, seed=N) for N in (300, 2000)]
     outs = {}
     for threads in (1, 2, 3):
         with intra_op_threads(threads):  # the kernel takes torch's thread count
             outs[threads] = decode_attention(*map(list, zip(*segs)), 0.125)
-    assert calls
+    assert calls == [1, 2, 3]  # one kernel call per batch, on torch's thread count
     assert all(torch.equal(a, b) for t in (2, 3) for a, b in zip(outs[1], outs[t]))
 
 

@@ -3,6 +3,8 @@ the same bits for a row whatever the batch, and the swap keeps the model's param
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -59,7 +61,8 @@ def test_kernel_serves_few_rows_and_sgemm_the_rest(monkeypatch):
     lin = layer(64, 32, bias=False)
     kernels = native_kernels()
     calls = []
-    monkeypatch.setattr(native_linear_module, "native_kernels", lambda: calls.append(1) or kernels)
+    spy = dataclasses.replace(kernels, skinny_linear=lambda *a: calls.append(a[1]) or kernels.skinny_linear(*a))
+    monkeypatch.setattr(native_linear_module, "native_kernels", lambda: spy)
     with torch.inference_mode():
         lin(torch.randn(MAX_ROWS, 64))
         assert len(calls) == 1
@@ -67,7 +70,7 @@ def test_kernel_serves_few_rows_and_sgemm_the_rest(monkeypatch):
         assert torch.equal(lin(many), nn.functional.linear(many, lin.weight))
         assert len(calls) == 1
         lin(torch.randn(2, 64, dtype=torch.float64).float())
-        assert len(calls) == 2
+        assert calls == [MAX_ROWS, 2]  # the kernel ran with those rows; the 17 went to sgemm
 
 
 def test_autograd_and_other_dtypes_use_f_linear():
