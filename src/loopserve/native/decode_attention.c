@@ -112,24 +112,37 @@ static inline vf reduce16(const vf *t) {
 static const int BITREV[W] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
 
 static inline __attribute__((always_inline)) void chunk_fast(
-    const float *restrict q, const float *restrict k, const float *restrict v, int64_t n, const int64_t G,
-    const int64_t D, float scale, float *restrict m, float *restrict l, float *restrict out) {
+    const float *restrict q, const float *restrict k, const float *restrict v, const int64_t *restrict rows,
+    int64_t n, const int64_t G, const int64_t D, float scale, float *restrict m, float *restrict l,
+    float *restrict out) {
     float s[MAX_G][CHUNK] __attribute__((aligned(64)));
+/* Token j of the chunk: the j-th row, or the store row rows[j] of a view (read in place). */
+#define ROW(x, j) ((x) + (rows ? rows[j] : (j)) * D)
+    if (rows) /* a view's first rows: the loop below prefetches four blocks ahead */
+        for (int64_t j = 0; j < n && j < 4 * W; ++j)
+            for (int64_t i = 0; i < D; i += W) __builtin_prefetch(ROW(k, j) + i, 0, 3);
     for (int64_t g = 0; g < G; ++g) {
         vf qg[D / W];
         for (int64_t d = 0; d < D / W; ++d) qg[d] = ld(q + g * D + d * W);
         int64_t j0 = 0;
         for (; j0 + W <= n; j0 += W) {
-            if (g == 0) /* more loads in flight: this block's values, the keys two blocks on
-                           (past the chunk's end too: prefetches never fault) */
-                for (int64_t i = 0; i < W * D; i += W) {
-                    __builtin_prefetch(v + j0 * D + i, 0, 3);
-                    __builtin_prefetch(k + (j0 + 2 * W) * D + i, 0, 3);
-                }
+            if (g == 0) { /* more loads in flight: this block's values, the keys two blocks on */
+                if (!rows) /* past the chunk's end too: prefetches never fault */
+                    for (int64_t i = 0; i < W * D; i += W) {
+                        __builtin_prefetch(v + j0 * D + i, 0, 3);
+                        __builtin_prefetch(k + (j0 + 2 * W) * D + i, 0, 3);
+                    }
+                else /* a view's rows are scattered: row by row, within the chunk */
+                    for (int64_t j = j0; j < j0 + W; ++j)
+                        for (int64_t i = 0; i < D; i += W) {
+                            __builtin_prefetch(ROW(v, j) + i, 0, 3);
+                            if (j + 4 * W < n) __builtin_prefetch(ROW(k, j + 4 * W) + i, 0, 3);
+                        }
+            }
             vf t[W];
 #pragma GCC unroll 16
             for (int i = 0; i < W; ++i) {
-                const float *kj = k + (j0 + BITREV[i]) * D;
+                const float *kj = ROW(k, j0 + BITREV[i]);
                 vf a = qg[0] * ld(kj);
                 for (int64_t d = 1; d < D / W; ++d) a += qg[d] * ld(kj + d * W);
                 t[i] = a;
@@ -137,8 +150,9 @@ static inline __attribute__((always_inline)) void chunk_fast(
             st(&s[g][j0], reduce16(t) * splat(scale));
         }
         for (; j0 < n; ++j0) {
-            vf a = qg[0] * ld(k + j0 * D);
-            for (int64_t d = 1; d < D / W; ++d) a += qg[d] * ld(k + j0 * D + d * W);
+            const float *kj = ROW(k, j0);
+            vf a = qg[0] * ld(kj);
+            for (int64_t d = 1; d < D / W; ++d) a += qg[d] * ld(kj + d * W);
             s[g][j0] = hsum(a) * scale;
         }
     }
@@ -154,18 +168,24 @@ static inline __attribute__((always_inline)) void chunk_fast(
     for (int64_t j = 0; j < n; ++j)
         for (int64_t g = 0; g < G; ++g) {
             vf p = splat(s[g][j]);
-            for (int64_t d = 0; d < D / W; ++d) acc[g][d] += p * ld(v + j * D + d * W);
+            for (int64_t d = 0; d < D / W; ++d) acc[g][d] += p * ld(ROW(v, j) + d * W);
         }
     for (int64_t g = 0; g < G; ++g)
         for (int64_t d = 0; d < D / W; ++d) st(out + g * D + d * W, acc[g][d]);
+#undef ROW
 }
 
-typedef void (*chunk_fn)(const float *, const float *, const float *, int64_t, float, float *, float *, float *);
+typedef void (*chunk_fn)(const float *, const float *, const float *, const int64_t *, int64_t, float, float *,
+                         float *, float *);
 
-#define FAST(G, D)                                                                                        \
-    static void chunk_g##G##_d##D(const float *q, const float *k, const float *v, int64_t n, float scale, \
-                                  float *m, float *l, float *out) {                                        \
-        chunk_fast(q, k, v, n, G, D, scale, m, l, out);                                                   \
+/* Two copies per (G, D): contiguous keys (rows == NULL, folded away) and a view's rows. */
+#define FAST(G, D)                                                                                         \
+    static void chunk_g##G##_d##D(const float *q, const float *k, const float *v, const int64_t *rows,     \
+                                  int64_t n, float scale, float *m, float *l, float *out) {                 \
+        if (rows)                                                                                          \
+            chunk_fast(q, k, v, rows, n, G, D, scale, m, l, out);                                          \
+        else                                                                                               \
+            chunk_fast(q, k, v, 0, n, G, D, scale, m, l, out);                                             \
     }
 FAST(1, 64) FAST(2, 64) FAST(3, 64) FAST(4, 64) FAST(1, 128) FAST(2, 128)
 
@@ -224,13 +244,20 @@ void decode_attention(int64_t S, const int64_t *lens, const int64_t *kstrides, c
             const int64_t j0 = c * CHUNK, n = lens[s] - j0 < CHUNK ? lens[s] - j0 : CHUNK;
             const float *q = qs[s] + h * G * D;
             const float *k = ks[s] + h * kstrides[s], *v = vs[s] + h * vstrides[s];
+            float *part = scratch + it * per;
             if (views && views[s]) {
+                /* The chunk's store rows: selected rows, then the tokens appended since. */
                 const int64_t L0 = view_lens[s], *rows = views[s] + h * L0;
-                float *kc = own, *vc = own + CHUNK * D;
+                int64_t idx[CHUNK];
+                for (int64_t j = 0; j < n; ++j) idx[j] = j0 + j < L0 ? rows[j0 + j] : tails[s] + (j0 + j - L0);
+                if (fast) {
+                    fast(q, k, v, idx, n, scale, part, part + G, part + 2 * G);
+                    continue;
+                }
+                float *kc = own, *vc = own + CHUNK * D; /* the generic path reads a copy */
                 for (int64_t j = 0; j < n; ++j) {
-                    const int64_t r = j0 + j < L0 ? rows[j0 + j] : tails[s] + (j0 + j - L0);
-                    memcpy(kc + j * D, k + r * D, D * sizeof(float));
-                    memcpy(vc + j * D, v + r * D, D * sizeof(float));
+                    memcpy(kc + j * D, k + idx[j] * D, D * sizeof(float));
+                    memcpy(vc + j * D, v + idx[j] * D, D * sizeof(float));
                 }
                 k = kc;
                 v = vc;
@@ -238,9 +265,8 @@ void decode_attention(int64_t S, const int64_t *lens, const int64_t *kstrides, c
                 k += j0 * D;
                 v += j0 * D;
             }
-            float *part = scratch + it * per;
             if (fast)
-                fast(q, k, v, n, scale, part, part + G, part + 2 * G);
+                fast(q, k, v, 0, n, scale, part, part + G, part + 2 * G);
             else
                 chunk_partial(q, k, v, n, G, D, scale, part, part + G, part + 2 * G);
         }
