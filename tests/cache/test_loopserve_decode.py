@@ -49,7 +49,7 @@ def test_reselection_happens_exactly_every_n_d_tokens(tiny_models):
     layers = engine.num_layers
     decode = session.method.decode
     views_seen = _record_view_changes(session)
-    r = session.chat(LONG, SamplingParams(max_new_tokens=18))
+    r = session.chat(LONG, SamplingParams(max_new_tokens=18, ignore_eos=True))  # random weights may pick EOS
     assert r.stats.finish_reason == "length" and r.stats.new_tokens == 18
     steps = r.stats.new_tokens - 1  # the first token comes from the prefill
     assert decode.reselections == (steps // SMALL["n_d"]) * layers
@@ -182,3 +182,23 @@ def test_index_view_keeps_indices_returns_the_store_and_rejects_bad_rows():
     assert layer.active_tokens == 4 and layer.view_idx[:, -1].tolist() == [10, 10]
     layer.clear_view()
     assert layer.view_rows is None and layer.active_tokens == 11
+
+
+@pytest.mark.parametrize("index_views", [True, False])
+def test_a_view_since_a_token_keeps_every_token_from_there_on(index_views):
+    from loopserve.cache.session_cache import SessionLayer
+
+    layer = SessionLayer(index_views=index_views)
+    k, v = torch.randn(1, 2, 10, 4), torch.randn(1, 2, 10, 4)
+    layer.update(k, v)
+    with pytest.raises(IndexError, match="since=11"):
+        layer.set_view(torch.tensor([[0, 1], [1, 2]]), since=11)
+    with pytest.raises(IndexError, match=r"\[0, 8\)"):
+        layer.set_view(torch.tensor([[0, 8], [1, 2]]), since=8)  # row 8 is in the kept tail already
+    layer.set_view(torch.tensor([[0, 3, 7], [1, 2, 5]]), since=8)
+    assert layer.active_tokens == 5 and layer.view_idx.tolist() == [[0, 3, 7, 8, 9], [1, 2, 5, 8, 9]]
+    keys, values = layer.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
+    assert layer.active_tokens == 6 and layer.view_idx[:, -3:].tolist() == [[8, 9, 10]] * 2
+    if not index_views:  # the compact copy holds exactly those rows
+        torch.testing.assert_close(keys[0, 1, :3], k[0, 1, [1, 2, 5]])
+        assert keys.shape[2] == 6

@@ -69,3 +69,104 @@ def test_query_buffer_releases_first_then_every_in_order():
     buf.push(1, qs[0])
     torch.testing.assert_close(buf.pending(1), qs[0])
     torch.testing.assert_close(buf.pending(0), other)
+
+
+# -- the native re-selection (native/key_scores.c) and its torch fallback ----------------
+
+from loopserve.cache import scoring as scoring_module  # noqa: E402
+from loopserve.cache.scoring import max_pool, select_top, top_rows, topk_with_forced  # noqa: E402
+from loopserve.native import native_kernels  # noqa: E402
+from loopserve.threads import intra_op_threads  # noqa: E402
+
+native_only = pytest.mark.skipif(native_kernels() is None, reason="no native kernels (no C compiler)")
+
+
+@pytest.fixture(params=["native", "torch"])
+def path(request, monkeypatch):
+    """Run a test on the native kernels and again on the torch fallback."""
+    if request.param == "native":
+        if native_kernels() is None:
+            pytest.skip("no native kernels (no C compiler)")
+    else:
+        monkeypatch.setattr(scoring_module, "native_kernels", lambda: None)
+    return request.param
+
+
+# (H, H_kv, w, N, D): SmolLM2's re-selection (48 rows, three vectors), one row, rows padded
+# to a vector, 64 rows (the most the kernel takes), chunk edges (256), a head size of 24.
+SCORE_SHAPES = [(9, 3, 16, 2000, 64), (3, 1, 1, 200, 16), (4, 2, 5, 37, 16), (32, 8, 16, 257, 128),
+                (6, 3, 16, 512, 24), (5, 5, 3, 17, 24)]
+
+
+@pytest.mark.parametrize("H, Hkv, w, N, D", SCORE_SHAPES)
+def test_key_scores_match_fp64_on_either_path(path, H, Hkv, w, N, D):
+    torch.manual_seed(N + D)
+    q = torch.randn(1, H, w, D) * 2
+    k = torch.randn(1, Hkv, N + 9, D)[:, :, :N] * 2  # a store's slice: head stride > N * D
+    got = attention_scores(q, k, D**-0.5, backend="cpu")
+    assert got.shape == (Hkv, N) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), _brute_force(q, k, D**-0.5), rtol=1e-5, atol=2e-6)
+
+
+@native_only
+def test_native_key_scores_run_and_do_not_depend_on_the_thread_count(monkeypatch):
+    kernels = native_kernels()
+    calls = []
+    spy = type(kernels)(**{**kernels.__dict__, "key_scores": lambda *a: calls.append(a[-1]) or kernels.key_scores(*a)})
+    monkeypatch.setattr(scoring_module, "native_kernels", lambda: spy)
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 9, 16, 64), torch.randn(1, 3, 3000, 64)
+    outs = []
+    for threads in (1, 2, 3):
+        with intra_op_threads(threads):
+            outs.append(attention_scores(q, k, 0.125, backend="cpu"))
+    assert calls == [1, 2, 3]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    # With positions (a prefill's probe rows) or more than 64 rows, the torch path scores.
+    attention_scores(q, k, 0.125, torch.arange(2990, 3006), torch.arange(3000), backend="cpu")
+    attention_scores(torch.randn(1, 9, 32, 64), k, 0.125, backend="cpu")  # 3 x 32 = 96 rows a KV head
+    assert calls == [1, 2, 3]
+
+
+def test_top_rows_takes_the_largest_in_index_order_with_ties_to_the_lower_index(path):
+    v = torch.tensor([[1.0, 3, 3, 2, 3, 0], [5, 5, 5, 5, 5, 5], [float("-inf"), -1, float("inf"), -0.0, 0.0, -2]])
+    assert top_rows(v, 2).tolist() == [[1, 2], [0, 1], [2, 3]]  # -0.0 ties with 0.0
+    assert top_rows(v, 4).tolist() == [[1, 2, 3, 4], [0, 1, 2, 3], [1, 2, 3, 4]]
+    assert top_rows(v, 0).shape == (3, 0) and top_rows(v, 6).tolist() == [list(range(6))] * 3
+    torch.manual_seed(1)
+    x = torch.randn(4, 3001)
+    assert torch.equal(top_rows(x, 1100), x.topk(1100, dim=1).indices.sort(dim=1).values)
+
+
+@pytest.mark.parametrize("n, budget, pool, head, tail", [(2000, 1024, 7, 4, 32), (50, 10, 1, 0, 0), (50, 10, 4, 3, 0),
+                                                         (30, 100, 7, 4, 32), (12, 3, 3, 5, 9), (40, 0, 5, 2, 2)])
+def test_select_top_is_forced_rows_plus_the_pooled_top_budget(path, n, budget, pool, head, tail):
+    torch.manual_seed(n + budget)
+    scores = torch.rand(3, n)
+    forced = torch.zeros(n, dtype=torch.bool)
+    forced[:head] = True
+    if tail:
+        forced[-tail:] = True
+    want = topk_with_forced(max_pool(scores, pool), budget, forced)
+    got = select_top(scores, budget, pool=pool, head=head, tail=tail)
+    # Pooled scores repeat (a window's maximum), so only the tie-free part must agree exactly:
+    # every kept row ranks at least as high as every dropped one.
+    assert got.shape == want.shape and got.dtype == torch.long
+    pooled = max_pool(scores, pool).masked_fill(forced, float("inf"))
+    for h in range(3):
+        kept = torch.zeros(n, dtype=torch.bool)
+        kept[got[h]] = True
+        assert bool(forced[kept].sum() == forced.sum())  # every forced row is in
+        assert bool(torch.all(got[h][1:] > got[h][:-1]))  # ascending, no duplicates
+        if (~kept).any() and kept.any():
+            assert float(pooled[h][kept].min()) >= float(pooled[h][~kept].max())
+
+
+def test_select_top_native_and_torch_agree_row_for_row(monkeypatch):
+    if native_kernels() is None:
+        pytest.skip("no native kernels (no C compiler)")
+    torch.manual_seed(3)
+    scores = torch.rand(3, 2000) ** 4
+    native = select_top(scores, 1024, pool=7, head=4, tail=32)
+    monkeypatch.setattr(scoring_module, "native_kernels", lambda: None)
+    assert torch.equal(native, select_top(scores, 1024, pool=7, head=4, tail=32))  # ties too: the lower index

@@ -15,11 +15,10 @@ not depend on the other segments.
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
-from ..native import native_kernels
+from ..native import native_kernels, scratch_buffer
 
 __all__ = ["decode_attention", "reads_views_by_index", "torch_decode_attention"]
 
@@ -101,17 +100,6 @@ def _native_usable(q, k, v, kernels) -> bool:
     return bool(kernels.decode_attention_supported(H // Hkv, D))
 
 
-_scratch = threading.local()
-
-
-def _scratch_buffer(n: int) -> torch.Tensor:
-    """A per-thread float buffer of >= n elements, kept between calls (no fresh pages per step)."""
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < n:
-        buf = _scratch.buf = torch.empty(max(n, 2 * (buf.numel() if buf is not None else 0)))
-    return buf
-
-
 def _native(kernels, queries, keys, values, views, H: int, Hkv: int, D: int, scale: float) -> list[torch.Tensor]:
     S = len(queries)
     queries = [q.contiguous() for q in queries]
@@ -120,7 +108,7 @@ def _native(kernels, queries, keys, values, views, H: int, Hkv: int, D: int, sca
     # A view's length is its selected rows plus the tokens from `tail` on.
     lens = i64s(*(k.shape[2] if view is None else view[0].shape[1] + k.shape[2] - view[1] for k, view in zip(keys, views)))
     threads = torch.get_num_threads()
-    scratch = _scratch_buffer(kernels.decode_attention_scratch_floats(S, lens, Hkv, H // Hkv, D, threads))
+    scratch = scratch_buffer(kernels.decode_attention_scratch_floats(S, lens, Hkv, H // Hkv, D, threads))
     rows = [None if view is None else view[0].contiguous() for view in views]
     row = H * D * out.element_size()
     kernels.decode_attention(

@@ -30,7 +30,7 @@ import torch
 
 from ..knobs import check_int_knob
 from .base import DecodeMethod, register_decode
-from .scoring import QueryBuffer, attention_scores, max_pool, topk_with_forced
+from .scoring import QueryBuffer, attention_scores, select_top
 
 
 def probe_rows(n: int, seed: int, min_probe: int = 64, frac: float = 0.02, n_last: int = 8) -> torch.Tensor:
@@ -96,13 +96,8 @@ class LoopServeDecode(DecodeMethod):
 
     def _select(self, ctx, layer, scores: torch.Tensor, n_in: int) -> None:
         """Attend to sinks + last `recent` inputs + top-`budget` scored + generated tokens."""
-        forced = torch.zeros(n_in, dtype=torch.bool, device=scores.device)
-        forced[: self.sinks] = True
-        if self.recent:
-            forced[-self.recent :] = True
-        keep = topk_with_forced(max_pool(scores, self.pool), self.budget, forced)
-        generated = torch.arange(n_in, layer.length, device=keep.device).expand(keep.shape[0], -1)
-        layer.set_view(torch.cat([keep, generated], dim=1))
+        keep = select_top(scores, self.budget, pool=self.pool, head=self.sinks, tail=self.recent)
+        layer.set_view(keep, since=n_in)  # and every token from the first generated one on
 
     def _needs_selection(self, n_in: int) -> bool:
         # With room for every input token, selection would change nothing: stay exact.
@@ -113,6 +108,7 @@ class LoopServeDecode(DecodeMethod):
         super().begin_turn(ctx)
         self._buffers = QueryBuffer(ctx.num_layers, self.n_d, first=self.n_first or self.n_d)
         self._turn_scores = [None] * ctx.num_layers
+        self._decode_inputs: list[int | None] = [None] * ctx.num_layers
 
     def observe_prefill(self, ctx, layer_idx, q, k) -> None:
         layer = ctx.cache.layers[layer_idx]
@@ -135,7 +131,10 @@ class LoopServeDecode(DecodeMethod):
         queries = self._buffers.push(layer_idx, q)
         if queries is None:
             return
-        n_in = self._input_count(layer, ctx)
+        # The input's tokens stay the same while this turn decodes: count them once.
+        n_in = self._decode_inputs[layer_idx]
+        if n_in is None:
+            n_in = self._decode_inputs[layer_idx] = self._input_count(layer, ctx)
         if not self._needs_selection(n_in):
             return
         self.reselections += 1
@@ -166,8 +165,6 @@ class LoopServeDecode(DecodeMethod):
             latest = self._buffers.pending(layer_idx)
             if latest is not None:  # the latest generated queries also vote, over every resident token
                 scores += attention_scores(latest, layer.keys, ctx.scaling)
-            forced = torch.zeros(n, dtype=torch.bool, device=scores.device)
-            forced[: self.sinks] = True
-            forced[-self.recent :] = True if self.recent else False
-            keep = topk_with_forced(max_pool(scores, self.pool), self.memory_budget - int(forced.sum()), forced)
+            n_forced = min(n, self.sinks + self.recent)
+            keep = select_top(scores, self.memory_budget - n_forced, pool=self.pool, head=self.sinks, tail=self.recent)
             layer.keep_only(keep)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import choose_backend, require_triton
+from ..native import native_kernels, scratch_buffer
 
 
 def attention_scores(
@@ -25,7 +26,8 @@ def attention_scores(
 
     ``backend``: None picks by device (:func:`loopserve.kernels.choose_backend`); on CUDA
     a Triton kernel computes the same masses without materialising the (H_kv, G*w, N)
-    logits (:mod:`loopserve.kernels.key_scores`).
+    logits (:mod:`loopserve.kernels.key_scores`). On the CPU, without positions, the native
+    kernel (``native/key_scores.c``) does when it is available, else torch ops.
     """
     if choose_backend(q.device, backend) == "triton":
         require_triton("key scoring", q.device)
@@ -40,6 +42,10 @@ def attention_scores(
     qf = (q[0].float() * scaling).reshape(h_kv, g * w, d)
     kf = k[0].float()
     masked = q_pos is not None and k_pos is not None
+    if not masked:
+        native = _native_scores(qf, kf)
+        if native is not None:
+            return native
     rows = q_pos.repeat(g).view(g * w, 1) if masked else None
     out = torch.empty(h_kv, n, dtype=torch.float32, device=q.device)
     # One KV head at a time: its (g*w, N) logits stay in cache through the softmax and the
@@ -54,6 +60,24 @@ def attention_scores(
         probs = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
         inv = probs.sum(-1, keepdim=True).reciprocal_()  # (g*w, 1)
         torch.mm(inv.t(), probs, out=out[head : head + 1])
+    return out
+
+
+def _native_scores(qf: torch.Tensor, kf: torch.Tensor) -> torch.Tensor | None:
+    """attention_scores without positions by the native kernel, or None where it cannot run:
+    qf (H_kv, R, D) scaled rows, kf (H_kv, N, D) with each head's tokens packed."""
+    h_kv, r, d = qf.shape
+    n = kf.shape[1]
+    if qf.device.type != "cpu" or kf.dtype != torch.float32 or n == 0 or kf.stride(-1) != 1 or kf.stride(-2) != d:
+        return None
+    kernels = native_kernels()
+    if kernels is None or not kernels.key_scores_supported(r, d):
+        return None
+    qf = qf.contiguous()
+    out = torch.empty(h_kv, n, dtype=torch.float32)
+    scratch = scratch_buffer(kernels.key_scores_scratch_floats(h_kv, n, r, d))
+    kernels.key_scores(qf.data_ptr(), kf.data_ptr(), kf.stride(0), n, h_kv, r, d, out.data_ptr(), scratch.data_ptr(),
+                       torch.get_num_threads())
     return out
 
 
@@ -78,7 +102,43 @@ def topk_with_forced(scores: torch.Tensor, budget: int, forced: torch.Tensor) ->
     # Forced positions get +inf so they always make the cut; heads with fewer forced
     # positions than the maximum simply keep a few more scored ones.
     ranked = scores.float().masked_fill(forced, float("inf"))
-    idx = ranked.topk(min(n_forced + take, n), dim=1).indices
+    return top_rows(ranked, min(n_forced + take, n))
+
+
+def select_top(scores: torch.Tensor, budget: int, *, pool: int = 1, head: int = 0, tail: int = 0) -> torch.Tensor:
+    """Per head of scores (H_kv, N): the first `head` and last `tail` positions, plus the
+    top-`budget` others by their scores max-pooled over `pool` neighbours (ties to the lower
+    index). Sorted indices (H_kv, L), the same L for every head: what
+    ``topk_with_forced(max_pool(scores, pool), budget, forced)`` returns with those positions
+    forced, in one native pass where it can run."""
+    h, n = scores.shape
+    n_forced = min(n, min(head, n) + min(tail, n))
+    k = min(n_forced + min(budget, n - n_forced), n)
+    kernels = native_kernels() if scores.device.type == "cpu" and scores.dtype == torch.float32 else None
+    if kernels is not None:
+        scores = scores.contiguous()
+        out = torch.empty(h, k, dtype=torch.long)
+        kernels.pooled_top_rows(scores.data_ptr(), h, n, pool, head, tail, k, out.data_ptr(), scratch_buffer(n).data_ptr())
+        return out
+    forced = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    forced[:head] = True
+    if tail:
+        forced[-tail:] = True
+    return topk_with_forced(max_pool(scores, pool), budget, forced)
+
+
+def top_rows(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row of values (H, N), the indices of its k largest entries, ascending; among
+    equal values the lower index is taken (natively, or by a stable sort)."""
+    h, n = values.shape
+    kernels = native_kernels() if values.device.type == "cpu" and values.dtype == torch.float32 else None
+    if kernels is not None and 0 <= k <= n:
+        values = values.contiguous()
+        out = torch.empty(h, k, dtype=torch.long)
+        kernels.top_rows(values.data_ptr(), h, n, k, out.data_ptr())
+        return out
+    # A stable descending sort keeps equal values in index order: ties to the lower index.
+    idx = values.sort(dim=1, descending=True, stable=True).indices[:, :k]
     return idx.sort(dim=1).values
 
 
@@ -95,6 +155,9 @@ class QueryBuffer:
         self.every = every
         self.first = every if first is None else first  # the first release may come sooner
         self._buf: list[torch.Tensor | None] = [None] * num_layers
+        # Per layer, the buffer's row slots as (1, H, 1, D) views, made once: a push is then
+        # one copy_ (indexing the buffer at every push costs several times more).
+        self._slots: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
         self._count = [0] * num_layers
         self._released = [False] * num_layers
 
@@ -105,7 +168,8 @@ class QueryBuffer:
         buf, n = self._buf[layer_idx], self._count[layer_idx]
         if buf is None:
             buf = self._buf[layer_idx] = q.new_empty(q.shape[0], q.shape[1], max(self.first, self.every), q.shape[3])
-        buf[:, :, n] = q[:, :, 0]
+            self._slots[layer_idx] = list(buf.split(1, dim=2))
+        self._slots[layer_idx][n].copy_(q)
         n += 1
         if n < (self.every if self._released[layer_idx] else self.first):
             self._count[layer_idx] = n

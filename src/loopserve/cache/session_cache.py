@@ -191,17 +191,27 @@ class SessionLayer(CacheLayerMixin):
         return torch.cat([self._view_base, tail], dim=1)
 
     # -- selection -------------------------------------------------------------------
-    def set_view(self, idx: torch.Tensor) -> None:
-        """Attend only to store indices `idx` (H_kv, L), sorted per head, from now on."""
+    def set_view(self, idx: torch.Tensor, since: int | None = None) -> None:
+        """Attend only to store indices `idx` (H_kv, L), sorted per head, from now on, and
+        with `since` given, to every stored token from index `since` on too (idx then lies
+        below it)."""
         idx = idx.to(self.device, torch.long)
         h, L = idx.shape
+        end = self.length if since is None else since
+        if not 0 <= end <= self.length:
+            raise IndexError(f"view start since={since} must lie in [0, {self.length}] (the tokens stored)")
+        if L:
+            lo, hi = idx.aminmax()
+            if int(lo) < 0 or int(hi) >= end:
+                raise IndexError(f"view indices must lie in [0, {end}) (the tokens stored before since)")
         if self.index_views:
-            if L and (int(idx.min()) < 0 or int(idx.max()) >= self.length):
-                raise IndexError(f"view indices must lie in [0, {self.length}) (the tokens stored)")
             self._view_base = idx.contiguous()
-            self._view_start = self.length
-            self.view_len = L
+            self._view_start = end
+            self.view_len = L + self.length - end
             return
+        if end < self.length:
+            idx = torch.cat([idx, torch.arange(end, self.length, device=self.device).expand(h, -1)], dim=1)
+            L = idx.shape[1]
         # Leave room for the tokens decoded until the next selection: no regrowth per step.
         cap = L + _VIEW_SLACK
         # The previous view's buffers are reused when they are large enough: a selection

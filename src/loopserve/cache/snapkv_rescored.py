@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import register_decode
-from .scoring import QueryBuffer, attention_scores, max_pool
+from .scoring import QueryBuffer, attention_scores, select_top
 from ..knobs import check_int_knob as _check_int
 from .snapkv import SnapKV
 
@@ -62,8 +62,6 @@ class SnapKVRescored(SnapKV):
         n_in = int((layer.positions[0] < ctx.input_end).sum())  # store == positions (lossless)
         if n_in <= self.budget:
             return
-        scores = max_pool(attention_scores(queries, layer.keys[:, :, :n_in], ctx.scaling), self.pool)
-        keep = scores.topk(self.budget, dim=1).indices.sort(dim=1).values
-        generated = torch.arange(n_in, layer.length, device=keep.device).expand(keep.shape[0], -1)
-        layer.set_view(torch.cat([keep, generated], dim=1))
+        keep = select_top(attention_scores(queries, layer.keys[:, :, :n_in], ctx.scaling), self.budget, pool=self.pool)
+        layer.set_view(keep, since=n_in)  # and every generated token
         self.reselections += 1

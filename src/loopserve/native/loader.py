@@ -1,7 +1,8 @@
 """Build, cache and load the native kernels (the C sources next to this file).
 
 The first call of :func:`native_kernels` in a process compiles ``slash_attention.c``,
-``greedy_cover.c``, ``decode_attention.c`` and ``skinny_linear.c`` with the system C compiler (``$CC``, else
+``greedy_cover.c``, ``decode_attention.c``, ``skinny_linear.c`` and ``key_scores.c`` with the system C
+compiler (``$CC``, else
 ``cc``, ``gcc`` or ``clang``; ``-O3 -march=native -fopenmp``, a few seconds, no torch
 headers) into one shared library under
 ``$LOOPSERVE_CACHE/kernels`` (see :mod:`loopserve.paths`), or loads the one built before.
@@ -15,7 +16,7 @@ load), the reason is logged once as a warning and :func:`native_kernels` returns
 the callers then run their pure-PyTorch paths, which give the same results.
 ``LOOPSERVE_NATIVE=0`` skips the native kernels without a warning.
 
-OpenMP: the decode attention and skinny linear kernels run on OpenMP threads. The library
+OpenMP: the decode attention, skinny linear and key scoring kernels run on OpenMP threads. The library
 asks for ``libgomp.so.1``, the soname of the OpenMP runtime torch ships and has already
 loaded, so the dynamic loader binds it to torch's copy: one runtime and one thread pool
 for torch's ops and ours, never two pools competing for the cores. A compiler without
@@ -53,7 +54,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 NATIVE_ENV = "LOOPSERVE_NATIVE"
-SOURCES = ("slash_attention.c", "greedy_cover.c", "decode_attention.c", "skinny_linear.c")  # compiled, in this order
+SOURCES = ("slash_attention.c", "greedy_cover.c", "decode_attention.c", "skinny_linear.c", "key_scores.c")  # compiled, in this order
 HEADERS = ("slash_vector.h", "slash_block.h")  # included by the sources: part of the cache key
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
 OPENMP_FLAGS = ("-fopenmp",)
@@ -74,7 +75,10 @@ class NativeKernels:
     ``slash_scratch_floats(G, D)`` is the scratch size one ``slash_attention`` call needs;
     ``decode_attention_supported(G, D)`` and ``decode_attention_scratch_floats(S, lens,
     H_kv, G, D, threads)`` likewise for ``decode_attention``. ``skinny_linear`` is y = x W^T (+ b)
-    for a few rows of x.
+    for a few rows of x. ``key_scores`` (with ``key_scores_supported(R, D)`` and
+    ``key_scores_scratch_floats(H_kv, n, R, D)``) is Phase 2's attention mass per key, and
+    ``top_rows`` the K largest values' indices per head, ascending (``pooled_top_rows``:
+    of the max-pooled values, the first and last few forced in).
     """
 
     path: Path
@@ -87,6 +91,11 @@ class NativeKernels:
     decode_attention_supported: Callable[[int, int], int]
     decode_attention_scratch_floats: Callable[..., int]
     skinny_linear: Callable[..., None]
+    key_scores: Callable[..., None]
+    key_scores_supported: Callable[[int, int], int]
+    key_scores_scratch_floats: Callable[[int, int, int, int], int]
+    top_rows: Callable[..., None]
+    pooled_top_rows: Callable[..., None]
 
 
 _lock = threading.Lock()
@@ -146,7 +155,18 @@ def _bind(lib: ctypes.CDLL, path: Path) -> NativeKernels:
     decode_scratch.restype, decode_scratch.argtypes = i64, [i64, ptr, i64, i64, i64, i64]
     linear = lib.skinny_linear
     linear.restype, linear.argtypes = None, [ptr, i64, i64, ptr, ptr, i64, ptr, i64]
-    return NativeKernels(path, slash, supported, scratch, greedy, mass, decode, decode_supported, decode_scratch, linear)
+    scores = lib.key_scores
+    scores.restype, scores.argtypes = None, [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64]
+    scores_supported = lib.key_scores_supported
+    scores_supported.restype, scores_supported.argtypes = ctypes.c_int, [i64, i64]
+    scores_scratch = lib.key_scores_scratch_floats
+    scores_scratch.restype, scores_scratch.argtypes = i64, [i64, i64, i64, i64]
+    top = lib.top_rows
+    top.restype, top.argtypes = None, [ptr, i64, i64, i64, ptr]
+    pooled_top = lib.pooled_top_rows
+    pooled_top.restype, pooled_top.argtypes = None, [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr]
+    return NativeKernels(path, slash, supported, scratch, greedy, mass, decode, decode_supported, decode_scratch, linear,
+                         scores, scores_supported, scores_scratch, top, pooled_top)
 
 
 def source_dir() -> Path:
