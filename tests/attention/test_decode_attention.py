@@ -133,3 +133,15 @@ def test_a_view_read_by_index_is_the_same_bits_as_its_rows_copied_out(H, Hkv, D)
     k_copy = torch.stack([k[0, h, rows[h]] for h in range(Hkv)])[None]
     v_copy = torch.stack([v[0, h, rows[h]] for h in range(Hkv)])[None]
     assert torch.equal(out, torch_decode_attention(q, k_copy, v_copy, 0.2))
+
+
+@native_only
+def test_strided_queries_of_a_packed_step_give_the_same_bits_as_packed_copies():
+    segs = [segment(9, 3, N, 64, seed=N) for N in (40, 300, 700)]
+    packed = torch.cat([q for q, _, _ in segs], dim=2)  # (1, H, S, D): one row per segment, as a packed step's query
+    strided = list(packed.split(1, dim=2))
+    assert not strided[1].is_contiguous()
+    _, keys, values = map(list, zip(*segs))
+    got = decode_attention(strided, keys, values, 0.125)
+    want = decode_attention([q.contiguous() for q in strided], keys, values, 0.125)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

@@ -92,6 +92,8 @@ def _native_usable(q, k, v, kernels) -> bool:
     Hkv = k.shape[1]
     if H % Hkv or q.shape != (1, H, 1, D) or k.shape[0] != 1 or k.shape[-1] != D or v.shape != k.shape:
         return False
+    if q.stride(-1) != 1:  # each head's D values packed (heads may be strided, as in a packed step)
+        return False
     if not (q.dtype == k.dtype == v.dtype == torch.float32) or k.shape[2] < 1:
         return False
     # Within a head, tokens follow each other densely (a store or view buffer's slice).
@@ -102,7 +104,6 @@ def _native_usable(q, k, v, kernels) -> bool:
 
 def _native(kernels, queries, keys, values, views, H: int, Hkv: int, D: int, scale: float) -> list[torch.Tensor]:
     S = len(queries)
-    queries = [q.contiguous() for q in queries]
     out = torch.empty(S, 1, H, 1, D)
     i64s, ptrs = ctypes.c_int64 * S, ctypes.c_void_p * S
     # A view's length is its selected rows plus the tokens from `tail` on.
@@ -112,7 +113,7 @@ def _native(kernels, queries, keys, values, views, H: int, Hkv: int, D: int, sca
     rows = [None if view is None else view[0].contiguous() for view in views]
     row = H * D * out.element_size()
     kernels.decode_attention(
-        S, lens, i64s(*(k.stride(1) for k in keys)), i64s(*(v.stride(1) for v in values)),
+        S, lens, i64s(*(q.stride(1) for q in queries)), i64s(*(k.stride(1) for k in keys)), i64s(*(v.stride(1) for v in values)),
         ptrs(*(q.data_ptr() for q in queries)), ptrs(*(k.data_ptr() for k in keys)),
         ptrs(*(v.data_ptr() for v in values)), ptrs(*(out.data_ptr() + i * row for i in range(S))),
         ptrs(*(r.data_ptr() if r is not None else None for r in rows)),

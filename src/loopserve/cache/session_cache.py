@@ -49,6 +49,9 @@ class SessionLayer(CacheLayerMixin):
         self.length = 0  # tokens resident per KV head
         self._k = self._v = None  # (1, H_kv, cap, D)
         self._pos = None  # (H_kv, cap) absolute positions of resident tokens
+        # (length, next position) after the last append: a decode step reads its position
+        # from here, not from the tensor (crop and keep_only, which move both, reset it).
+        self._next = (0, 0)
         # Active view (decode over a selection): `_view_base` (H_kv, L0) store indices chosen
         # at the last selection, plus every store index from `_view_start` on (tokens
         # appended since). `_vk`/`_vv` hold the gathered keys/values compactly.
@@ -76,18 +79,20 @@ class SessionLayer(CacheLayerMixin):
         start = self.length
         self._k = _grown(self._k, start + n)
         self._v = _grown(self._v, start + n)
-        self._k[..., start : start + n, :] = key_states
-        self._v[..., start : start + n, :] = value_states
+        # narrow + copy_: one view op each (slicing with an Ellipsis makes several), per layer and step.
+        self._k.narrow(2, start, n).copy_(key_states)
+        self._v.narrow(2, start, n).copy_(value_states)
         if self._pos.shape[1] < start + n:
             pos = self._pos.new_empty(self._pos.shape[0], max(start + n, 2 * self._pos.shape[1], 64))
             pos[:, :start] = self._pos[:, :start]
             self._pos = pos
-        next_pos = int(self._pos[0, start - 1]) + 1 if start > 0 else 0
+        next_pos = self._next[1] if self._next[0] == start else self.next_position
         if n == 1:  # a decode step: a scalar fill, no arange (this runs per layer and token)
-            self._pos[:, start] = next_pos
+            self._pos.select(1, start).fill_(next_pos)
         else:
             self._pos[:, start : start + n] = torch.arange(next_pos, next_pos + n, device=self.device)
         self.length = start + n
+        self._next = (self.length, next_pos + n)
         if self._view_base is None:
             return self.keys, self.values
         if self.index_views:
@@ -98,8 +103,8 @@ class SessionLayer(CacheLayerMixin):
         m = self.view_len
         self._vk = _grown(self._vk, m + n)
         self._vv = _grown(self._vv, m + n)
-        self._vk[..., m : m + n, :] = key_states
-        self._vv[..., m : m + n, :] = value_states
+        self._vk.narrow(2, m, n).copy_(key_states)
+        self._vv.narrow(2, m, n).copy_(value_states)
         self.view_len = m + n
         return self._vk[..., : self.view_len, :], self._vv[..., : self.view_len, :]
 
@@ -127,6 +132,7 @@ class SessionLayer(CacheLayerMixin):
         if not bool((counts == counts[0]).all()) or not bool(keep[:, : int(counts[0])].all()):
             raise RuntimeError("cannot crop into tokens evicted differently per head")
         self.length = int(counts[0])
+        self._next = (0, 0)
         self.clear_view()
 
     # -- store access ----------------------------------------------------------------
@@ -153,6 +159,8 @@ class SessionLayer(CacheLayerMixin):
 
     @property
     def next_position(self) -> int:
+        if self._next[0] == self.length:
+            return self._next[1]
         return int(self._pos[0, self.length - 1]) + 1 if self.length else 0
 
     @property
@@ -241,6 +249,7 @@ class SessionLayer(CacheLayerMixin):
         self._v = torch.gather(self.values, 2, g.expand(1, h, M, self._v.shape[-1])).contiguous()
         self._pos = torch.gather(self.positions, 1, idx).contiguous()
         self.length = M
+        self._next = (0, 0)
         self.clear_view()
 
 

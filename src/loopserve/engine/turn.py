@@ -151,12 +151,16 @@ class Turn:
             s.method.decode.after_prefill(self.ctx)
             self.stats.extra["prefill_attention_s"] = self.ctx.prefill_attention_s
             self.sampler = Sampler(params)
-            tok = self.sampler(logits[-1:], torch.tensor([self.prompt], dtype=torch.long))
+            tok = self.sampler(logits[-1:], self._history())
             self.stats.ttft_s = self.stats.prefill_s = time.perf_counter() - self._t0
             self._t_dec = time.perf_counter()
         else:
-            tok = self.sampler(logits[-1:], torch.tensor([self.prompt + self.generated], dtype=torch.long))
+            tok = self.sampler(logits[-1:], self._history())
         return self._accept(tok)
+
+    def _history(self) -> torch.Tensor | None:
+        """The turn's tokens so far (1, n), for a sampler that reads them, else None."""
+        return torch.tensor([self.prompt + self.generated], dtype=torch.long) if self.sampler.uses_history else None
 
     def _accept(self, tok: int) -> list[str]:
         s, eng, params = self.session, self.session.engine, self.sampling

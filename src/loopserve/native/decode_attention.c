@@ -208,7 +208,7 @@ int64_t decode_attention_scratch_floats(int64_t S, const int64_t *lens, int64_t 
     return items * (G * D + 2 * G) + threads * 2 * CHUNK * D;
 }
 
-/* Segment s: query qs[s] (H x D, H = H_kv * G, head-major), keys ks[s] and values vs[s]
+/* Segment s: query qs[s] (H heads of D, H = H_kv * G, head stride qstrides[s]), keys ks[s] and values vs[s]
    (H_kv heads, token stride D, head strides kstrides[s] and vstrides[s] floats), output
    outs[s] (H x D). The segment attends lens[s] keys: tokens 0 .. lens[s] - 1 of each head,
    or, where views[s] is not NULL, a selected view of them: key j of head h is token
@@ -217,7 +217,8 @@ int64_t decode_attention_scratch_floats(int64_t S, const int64_t *lens, int64_t 
    part of the scratch before the same chunk function runs, so a view gives the same bits as
    its rows copied out beforehand. scratch: decode_attention_scratch_floats(..., threads)
    floats; threads: the OpenMP threads to run on. */
-void decode_attention(int64_t S, const int64_t *lens, const int64_t *kstrides, const int64_t *vstrides, float *const *qs,
+void decode_attention(int64_t S, const int64_t *lens, const int64_t *qstrides, const int64_t *kstrides,
+                      const int64_t *vstrides, float *const *qs,
                       float *const *ks, float *const *vs, float *const *outs, const int64_t *const *views,
                       const int64_t *view_lens, const int64_t *tails, int64_t H_kv, int64_t G, int64_t D, float scale,
                       float *scratch, int64_t threads) {
@@ -242,7 +243,9 @@ void decode_attention(int64_t S, const int64_t *lens, const int64_t *kstrides, c
             const int64_t chunks = (lens[s] + CHUNK - 1) / CHUNK, local = it - first[s];
             const int64_t h = local / chunks, c = local % chunks;
             const int64_t j0 = c * CHUNK, n = lens[s] - j0 < CHUNK ? lens[s] - j0 : CHUNK;
-            const float *q = qs[s] + h * G * D;
+            /* The G query rows of this KV head, packed (a packed step's queries are strided). */
+            float q[MAX_G * MAX_D] __attribute__((aligned(64)));
+            for (int64_t g = 0; g < G; ++g) memcpy(q + g * D, qs[s] + (h * G + g) * qstrides[s], D * sizeof(float));
             const float *k = ks[s] + h * kstrides[s], *v = vs[s] + h * vstrides[s];
             float *part = scratch + it * per;
             if (views && views[s]) {

@@ -148,7 +148,7 @@ def _bind(lib: ctypes.CDLL, path: Path) -> NativeKernels:
     mass.restype, mass.argtypes = None, [ptr, ptr, i64, i64, i64, ptr]
     decode = lib.decode_attention
     decode.restype = None
-    decode.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_float, ptr, i64]
+    decode.argtypes = [i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_float, ptr, i64]
     decode_supported = lib.decode_attention_supported
     decode_supported.restype, decode_supported.argtypes = ctypes.c_int, [i64, i64]
     decode_scratch = lib.decode_attention_scratch_floats
