@@ -4,7 +4,10 @@ tokens decoding together through the Scheduler, one forward per step.
 A dense history of ~`--context` tokens of essay text is prefilled once and forked N times;
 each fork's last 32 prompt tokens are prefilled through the scheduler, and then every step
 carries one decode token of each conversation. Reports the median and mean step time over
-32 steps (no profiler), the same for one conversation alone, and, from 6 profiled steps, their mean
+56 steps (no profiler), and for a method that re-selects (LoopServe's Phase 2) the median of
+each kind of step: before the first re-selection (LoopServe's dense first interval), steps
+that re-select, and steps over the selected views; the same for one conversation alone; and,
+from 6 profiled steps, their mean
 wall time split into the time inside torch ops (the profiler's self CPU time) and the rest:
 the native kernels (decode attention, the linear layers' few rows: ctypes calls the
 profiler does not see) and Python.
@@ -26,20 +29,33 @@ from loopserve.engine import Engine, SamplingParams, Scheduler
 from loopserve.models import load_model
 
 
-def step_times(engine, base, ids, method: str, n: int, steps: int = 32, profiled: int = 6) -> dict:
+def median(xs: list[float]) -> float | None:
+    return round(sorted(xs)[len(xs) // 2], 1) if xs else None
+
+
+def reselections(sessions) -> int:
+    """Re-selections made so far by the sessions' decode methods (0 for those that make none)."""
+    return sum(getattr(s.method.decode, "reselections", 0) for s in sessions)
+
+
+def step_times(engine, base, ids, method: str, n: int, steps: int = 56, profiled: int = 6) -> dict:
     sched = Scheduler(engine, chunk_tokens=1 << 20, max_running=n)
-    for _ in range(n):
-        sched.submit(base.fork(method=method), list(ids),
-                     SamplingParams(max_new_tokens=3 + steps + profiled + 2, ignore_eos=True))
-    for _ in range(3):  # the prompts' last tokens, then every sequence is decoding
-        sched.step()
-    times = []
+    sessions = [base.fork(method=method) for _ in range(n)]
+    for session in sessions:
+        sched.submit(session, list(ids), SamplingParams(max_new_tokens=1 + steps + profiled + 2, ignore_eos=True))
+    sched.step()  # the prompts' last tokens and the first token: from here every sequence decodes
+    times, kinds = [], []
     for _ in range(steps):
+        before = reselections(sessions)
         t = time.perf_counter()
         sched.step()
         times.append((time.perf_counter() - t) * 1e3)
+        after = reselections(sessions)
+        kinds.append("reselect" if after > before else "view" if after else "before")
     # The mean counts Phase 2's re-selection steps (every n_d tokens), which the median skips.
-    out = {"sessions": n, "step_ms": round(sorted(times)[len(times) // 2], 1), "mean_step_ms": round(sum(times) / len(times), 1)}
+    out = {"sessions": n, "step_ms": median(times), "mean_step_ms": round(sum(times) / len(times), 1),
+           "phase_median_ms": {kind: median([t for t, k in zip(times, kinds) if k == kind]) for kind in ("before", "reselect", "view")},
+           "phase_steps": {kind: kinds.count(kind) for kind in ("before", "reselect", "view")}}
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t = time.perf_counter()
         for _ in range(profiled):
@@ -72,11 +88,12 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print("| sessions | step ms (median) | mean | profiled step | torch ops | native kernels and Python |\n"
-          "|---:|---:|---:|---:|---:|---:|")
+    print("| sessions | step ms (median) | mean | before the first re-selection | re-selecting | over the views "
+          "| profiled step | torch ops | native kernels and Python |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['sessions']} | {r['step_ms']} | {r['mean_step_ms']} | {r['profiled_step_ms']} | {r['torch_ops_ms']} "
-              f"| {r['native_and_python_ms']} |")
+        p = r["phase_median_ms"]
+        print(f"| {r['sessions']} | {r['step_ms']} | {r['mean_step_ms']} | {p['before']} | {p['reselect']} | {p['view']} "
+              f"| {r['profiled_step_ms']} | {r['torch_ops_ms']} | {r['native_and_python_ms']} |")
 
 
 if __name__ == "__main__":
