@@ -170,3 +170,13 @@ def test_select_top_native_and_torch_agree_row_for_row(monkeypatch):
     native = select_top(scores, 1024, pool=7, head=4, tail=32)
     monkeypatch.setattr(scoring_module, "native_kernels", lambda: None)
     assert torch.equal(native, select_top(scores, 1024, pool=7, head=4, tail=32))  # ties too: the lower index
+
+
+@native_only
+def test_long_inputs_score_a_few_heads_per_call_with_the_same_bits(monkeypatch):
+    torch.manual_seed(5)
+    q, k = torch.randn(1, 8, 16, 64), torch.randn(1, 4, 700, 64)
+    whole = attention_scores(q, k, 0.125, backend="cpu")
+    monkeypatch.setattr(scoring_module, "_SCORES_SCRATCH_FLOATS", 1)  # one head per call
+    assert torch.equal(attention_scores(q, k, 0.125, backend="cpu"), whole)
+    torch.testing.assert_close(whole.double(), _brute_force(q, k, 0.125), rtol=1e-5, atol=2e-6)

@@ -75,10 +75,19 @@ def _native_scores(qf: torch.Tensor, kf: torch.Tensor) -> torch.Tensor | None:
         return None
     qf = qf.contiguous()
     out = torch.empty(h_kv, n, dtype=torch.float32)
-    scratch = scratch_buffer(kernels.key_scores_scratch_floats(h_kv, n, r, d))
-    kernels.key_scores(qf.data_ptr(), kf.data_ptr(), kf.stride(0), n, h_kv, r, d, out.data_ptr(), scratch.data_ptr(),
-                       torch.get_num_threads())
+    # The kernel keeps every logit of the heads it scores at once: a few heads per call at
+    # long contexts, so the (kept) scratch stays near one head's logits, as the torch path's.
+    per_head = kernels.key_scores_scratch_floats(1, n, r, d)
+    group = max(1, min(h_kv, _SCORES_SCRATCH_FLOATS // per_head))
+    scratch = scratch_buffer(kernels.key_scores_scratch_floats(group, n, r, d))
+    for h in range(0, h_kv, group):
+        heads = min(group, h_kv - h)
+        kernels.key_scores(qf[h].data_ptr(), kf[h].data_ptr(), kf.stride(0), n, heads, r, d, out[h].data_ptr(),
+                           scratch.data_ptr(), torch.get_num_threads())
     return out
+
+
+_SCORES_SCRATCH_FLOATS = 1 << 22  # 16 MB: SmolLM2's three KV heads in one call up to ~29k keys
 
 
 def max_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
