@@ -55,7 +55,8 @@ def step_times(engine, base, ids, method: str, n: int, steps: int = 56, profiled
     # The mean counts Phase 2's re-selection steps (every n_d tokens), which the median skips.
     out = {"sessions": n, "step_ms": median(times), "mean_step_ms": round(sum(times) / len(times), 1),
            "phase_median_ms": {kind: median([t for t, k in zip(times, kinds) if k == kind]) for kind in ("before", "reselect", "view")},
-           "phase_steps": {kind: kinds.count(kind) for kind in ("before", "reselect", "view")}}
+           "phase_steps": {kind: kinds.count(kind) for kind in ("before", "reselect", "view")},
+           "step_times_ms": [round(t, 2) for t in times]}  # step i generates token i + 2 of each conversation
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t = time.perf_counter()
         for _ in range(profiled):
