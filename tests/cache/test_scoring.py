@@ -180,3 +180,39 @@ def test_long_inputs_score_a_few_heads_per_call_with_the_same_bits(monkeypatch):
     monkeypatch.setattr(scoring_module, "_SCORES_SCRATCH_FLOATS", 1)  # one head per call
     assert torch.equal(attention_scores(q, k, 0.125, backend="cpu"), whole)
     torch.testing.assert_close(whole.double(), _brute_force(q, k, 0.125), rtol=1e-5, atol=2e-6)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@native_only
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(1, 4), n=st.integers(1, 300), budget=st.integers(0, 320), pool=st.integers(0, 9),
+       head=st.integers(0, 40), tail=st.integers(0, 40), levels=st.sampled_from([3, 50, 0]), seed=st.integers(0, 2**16))
+def test_native_selection_equals_the_torch_path_on_any_shape_and_ties(h, n, budget, pool, head, tail, levels, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(h, n, generator=g)
+    if levels:  # few distinct values: ties everywhere, pooled plateaus
+        scores = (scores * levels).floor()
+    native = select_top(scores, budget, pool=pool, head=head, tail=tail)
+    k = min(n, 1 + budget)
+    top = top_rows(scores, k)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(scoring_module, "native_kernels", lambda: None)
+        assert torch.equal(native, select_top(scores, budget, pool=pool, head=head, tail=tail))
+        assert torch.equal(top, top_rows(scores, k))
+
+
+@native_only
+@settings(max_examples=25, deadline=None)
+@given(hkv=st.integers(1, 3), g=st.integers(1, 4), w=st.integers(1, 16), n=st.integers(1, 600),
+       d=st.sampled_from([8, 16, 24, 64]), seed=st.integers(0, 2**16))
+def test_native_key_scores_match_fp64_on_any_shape(hkv, g, w, n, d, seed):
+    if g * w > 64:  # more rows than the kernel takes: the torch path's, tested above
+        w = 64 // g
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, hkv * g, w, d, generator=gen) * 2
+    k = torch.randn(1, hkv, n + 3, d, generator=gen)[:, :, :n] * 2
+    got = attention_scores(q, k, d**-0.5, backend="cpu")
+    torch.testing.assert_close(got.double(), _brute_force(q, k, d**-0.5), rtol=1e-5, atol=2e-6)
