@@ -192,7 +192,7 @@ static void top_of(const float *x, int64_t n, int64_t K, int64_t *o) {
 }
 
 /* Per head h of values (H x n, row-major): the indices of its K largest values, ascending
-   (ties go to the lower index), into out + h * K. NaN counts as larger than +inf. */
+   (ties go to the lower index), into out + h * K. Scores are never NaN here (softmax masses). */
 void top_rows(const float *values, int64_t H, int64_t n, int64_t K, int64_t *out) {
     for (int64_t h = 0; h < H; ++h) top_of(values + h * n, n, K, out + h * K);
 }
