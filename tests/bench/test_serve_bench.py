@@ -45,6 +45,9 @@ def test_serve_bench_reports_batched_and_one_at_a_time(engine):
     assert r["throughput_speedup"] == r["methods"]["dense"]["throughput_speedup"]
     assert r["decode_throughput_speedup"] == r["methods"]["dense"]["decode_throughput_speedup"]
     assert set(r["batched_tpot_advantage_over_dense"]) == {"loopserve"}
+    for mode in ("batched", "one_at_a_time"):
+        want = r["methods"]["loopserve"][mode]["decode_tok_s"] / r["methods"]["dense"][mode]["decode_tok_s"]
+        assert r["decode_advantage_over_dense"]["loopserve"][mode] == pytest.approx(want, rel=0.01)
 
 
 def test_serve_bench_command_prints_json(capsys):
