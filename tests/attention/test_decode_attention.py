@@ -136,12 +136,15 @@ def test_a_view_read_by_index_is_the_same_bits_as_its_rows_copied_out(H, Hkv, D)
 
 
 @native_only
-def test_strided_queries_of_a_packed_step_give_the_same_bits_as_packed_copies():
-    segs = [segment(9, 3, N, 64, seed=N) for N in (40, 300, 700)]
+@pytest.mark.parametrize("H,Hkv,D", SHAPES)
+def test_strided_queries_of_a_packed_step_give_the_same_bits_as_packed_copies(H, Hkv, D):
+    segs = [segment(H, Hkv, N, D, seed=N) for N in (40, 300, 700)]
     packed = torch.cat([q for q, _, _ in segs], dim=2)  # (1, H, S, D): one row per segment, as a packed step's query
     strided = list(packed.split(1, dim=2))
     assert not strided[1].is_contiguous()
     _, keys, values = map(list, zip(*segs))
-    got = decode_attention(strided, keys, values, 0.125)
-    want = decode_attention([q.contiguous() for q in strided], keys, values, 0.125)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    views = [None, (view_of(keys[1], 5, 150, 290), 290), (view_of(keys[2], 6, 400, 690), 690)]
+    for v in (None, views):
+        got = decode_attention(strided, keys, values, 0.125, v)
+        want = decode_attention([q.contiguous() for q in strided], keys, values, 0.125, v)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))

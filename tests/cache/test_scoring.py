@@ -136,6 +136,17 @@ def test_top_rows_takes_the_largest_in_index_order_with_ties_to_the_lower_index(
     torch.manual_seed(1)
     x = torch.randn(4, 3001)
     assert torch.equal(top_rows(x, 1100), x.topk(1100, dim=1).indices.sort(dim=1).values)
+    nan = float("nan")
+    y = torch.tensor([[1.0, -nan, 3.0, 2.0, nan, float("inf")]])  # NaN of either sign ranks first
+    assert top_rows(y, 3).tolist() == [[1, 4, 5]]
+    with pytest.raises(ValueError, match="k=-1"):
+        top_rows(v, -1)
+    with pytest.raises(ValueError, match="k=7"):
+        top_rows(v, 7)
+    with pytest.raises(ValueError, match="budget"):
+        select_top(v, -3, head=2)
+    with pytest.raises(ValueError, match="budget"):
+        topk_with_forced(v, -1, torch.zeros(6, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("n, budget, pool, head, tail", [(2000, 1024, 7, 4, 32), (50, 10, 1, 0, 0), (50, 10, 4, 3, 0),
@@ -216,3 +227,16 @@ def test_native_key_scores_match_fp64_on_any_shape(hkv, g, w, n, d, seed):
     k = torch.randn(1, hkv, n + 3, d, generator=gen)[:, :, :n] * 2
     got = attention_scores(q, k, d**-0.5, backend="cpu")
     torch.testing.assert_close(got.double(), _brute_force(q, k, d**-0.5), rtol=1e-5, atol=2e-6)
+
+
+def test_the_native_scratch_is_float32_whatever_the_default_dtype():
+    from loopserve.native import scratch_buffer
+
+    n = scratch_buffer(1).numel() + 1  # larger than the buffer held: a fresh one
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        buf = scratch_buffer(n)
+    finally:
+        torch.set_default_dtype(previous)
+    assert buf.dtype == torch.float32 and buf.numel() >= n

@@ -103,6 +103,8 @@ def topk_with_forced(scores: torch.Tensor, budget: int, forced: torch.Tensor) ->
     scores: (H_kv, N); forced: bool (N,) or (H_kv, N). Returns sorted indices (H_kv, L),
     the same L for every head (so the kept keys gather into one dense tensor).
     """
+    if budget < 0:
+        raise ValueError(f"topk_with_forced takes a budget >= 0, got {budget}")
     h, n = scores.shape
     forced = forced.expand(h, n) if forced.dim() == 1 else forced
     n_forced = int(forced.sum(dim=1).max())
@@ -120,6 +122,8 @@ def select_top(scores: torch.Tensor, budget: int, *, pool: int = 1, head: int = 
     index). Sorted indices (H_kv, L), the same L for every head: what
     ``topk_with_forced(max_pool(scores, pool), budget, forced)`` returns with those positions
     forced, in one native pass where it can run."""
+    if min(budget, pool, head, tail) < 0:
+        raise ValueError(f"select_top takes budget, pool, head and tail >= 0, got {budget}, {pool}, {head}, {tail}")
     h, n = scores.shape
     n_forced = min(n, min(head, n) + min(tail, n))
     k = min(n_forced + min(budget, n - n_forced), n)
@@ -140,8 +144,10 @@ def top_rows(values: torch.Tensor, k: int) -> torch.Tensor:
     """Per row of values (H, N), the indices of its k largest entries, ascending; among
     equal values the lower index is taken (natively, or by a stable sort)."""
     h, n = values.shape
+    if not 0 <= k <= n:
+        raise ValueError(f"top_rows takes 0 <= k <= {n} (the values per row), got k={k}")
     kernels = native_kernels() if values.device.type == "cpu" and values.dtype == torch.float32 else None
-    if kernels is not None and 0 <= k <= n:
+    if kernels is not None:
         values = values.contiguous()
         out = torch.empty(h, k, dtype=torch.long)
         kernels.top_rows(values.data_ptr(), h, n, k, out.data_ptr())

@@ -211,7 +211,8 @@ class SessionLayer(CacheLayerMixin):
         if L:
             lo, hi = idx.aminmax()
             if int(lo) < 0 or int(hi) >= end:
-                raise IndexError(f"view indices must lie in [0, {end}) (the tokens stored before since)")
+                raise IndexError(f"view indices must lie in [0, {end}) (the tokens stored"
+                                 + (")" if since is None else f" before since={since})"))
         if self.index_views:
             self._view_base = idx.contiguous()
             self._view_start = end

@@ -157,9 +157,11 @@ void key_scores(const float *q, const float *k, int64_t kstride, int64_t n, int6
     }
 }
 
-/* A float's bits as an unsigned key with the same order (-0 and +0 the same key). */
+/* A float's bits as an unsigned key with the same order (-0 and +0 the same key; every NaN
+   the largest key, as in torch's descending sort). */
 static inline uint32_t ordered(float x) {
     uint32_t u;
+    if (x != x) return 0xFFFFFFFFu;
     x = x == 0.0f ? 0.0f : x;
     memcpy(&u, &x, sizeof u);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
@@ -192,7 +194,7 @@ static void top_of(const float *x, int64_t n, int64_t K, int64_t *o) {
 }
 
 /* Per head h of values (H x n, row-major): the indices of its K largest values, ascending
-   (ties go to the lower index), into out + h * K. Scores are never NaN here (softmax masses). */
+   (ties go to the lower index; NaN ranks above +inf), into out + h * K. */
 void top_rows(const float *values, int64_t H, int64_t n, int64_t K, int64_t *out) {
     for (int64_t h = 0; h < H; ++h) top_of(values + h * n, n, K, out + h * K);
 }

@@ -15,5 +15,6 @@ def scratch_buffer(n: int) -> torch.Tensor:
     until the next call on the same thread: a kernel call uses it and is done with it."""
     buf = getattr(_local, "buf", None)
     if buf is None or buf.numel() < n:
-        buf = _local.buf = torch.empty(max(n, 2 * (buf.numel() if buf is not None else 0)))
+        # float32 whatever torch's default dtype: the kernels write n floats into it.
+        buf = _local.buf = torch.empty(max(n, 2 * (buf.numel() if buf is not None else 0)), dtype=torch.float32)
     return buf
