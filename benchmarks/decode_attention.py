@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from loopserve.attention.decode import decode_attention
+from loopserve.attention.decode import decode_attention, view_indices
 from loopserve.cache.scoring import select_top
 from loopserve.threads import configure as configure_threads
 
@@ -56,8 +56,7 @@ def view_of(n: int, budget: int, generated: int = 16) -> tuple[torch.Tensor, int
 
 
 def copied(x: torch.Tensor, view: tuple[torch.Tensor, int]) -> torch.Tensor:
-    rows, tail = view
-    idx = torch.cat([rows, torch.arange(tail, x.shape[2]).expand(H_KV, -1)], dim=1)
+    idx = view_indices(*view, x.shape[2])
     return torch.stack([x[0, h].index_select(0, idx[h]) for h in range(H_KV)]).unsqueeze(0)
 
 

@@ -20,7 +20,13 @@ import torch
 
 from ..native import native_kernels, scratch_buffer
 
-__all__ = ["decode_attention", "reads_views_by_index", "torch_decode_attention"]
+__all__ = ["decode_attention", "reads_views_by_index", "torch_decode_attention", "view_indices"]
+
+
+def view_indices(rows: torch.Tensor, tail: int, n: int) -> torch.Tensor:
+    """The store indices a selected view attends, per KV head: ``rows`` (H_kv, L), then every
+    token from ``tail`` to ``n - 1``; ``(H_kv, L + n - tail)``."""
+    return torch.cat([rows, torch.arange(tail, n, device=rows.device).expand(rows.shape[0], -1)], dim=1)
 
 
 def reads_views_by_index(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> bool:
@@ -79,9 +85,8 @@ def decode_attention(queries: list[torch.Tensor], keys: list[torch.Tensor], valu
 
 def _view_rows(x: torch.Tensor, view) -> torch.Tensor:
     """The view's rows of x ``(1, H_kv, N, D)``, copied out: ``(1, H_kv, L + N - tail, D)``."""
-    rows, tail = view
-    h = rows.shape[0]
-    idx = torch.cat([rows, torch.arange(tail, x.shape[2], device=rows.device).expand(h, -1)], dim=1)
+    idx = view_indices(*view, x.shape[2])
+    h = idx.shape[0]
     return torch.gather(x, 2, idx.view(1, h, -1, 1).expand(1, h, idx.shape[1], x.shape[-1]))
 
 

@@ -63,15 +63,18 @@ def attention_scores(
     return out
 
 
+def _kernels_for(t: torch.Tensor):
+    """The native kernels where they can take t (a CPU float32 tensor), else None."""
+    return native_kernels() if t.device.type == "cpu" and t.dtype == torch.float32 else None
+
+
 def _native_scores(qf: torch.Tensor, kf: torch.Tensor) -> torch.Tensor | None:
     """attention_scores without positions by the native kernel, or None where it cannot run:
     qf (H_kv, R, D) scaled rows, kf (H_kv, N, D) with each head's tokens packed."""
     h_kv, r, d = qf.shape
     n = kf.shape[1]
-    if qf.device.type != "cpu" or kf.dtype != torch.float32 or n == 0 or kf.stride(-1) != 1 or kf.stride(-2) != d:
-        return None
-    kernels = native_kernels()
-    if kernels is None or not kernels.key_scores_supported(r, d):
+    kernels = _kernels_for(kf)
+    if kernels is None or n == 0 or kf.stride(-1) != 1 or kf.stride(-2) != d or not kernels.key_scores_supported(r, d):
         return None
     qf = qf.contiguous()
     out = torch.empty(h_kv, n, dtype=torch.float32)
@@ -127,7 +130,7 @@ def select_top(scores: torch.Tensor, budget: int, *, pool: int = 1, head: int = 
     h, n = scores.shape
     n_forced = min(n, min(head, n) + min(tail, n))
     k = min(n_forced + min(budget, n - n_forced), n)
-    kernels = native_kernels() if scores.device.type == "cpu" and scores.dtype == torch.float32 else None
+    kernels = _kernels_for(scores)
     if kernels is not None:
         scores = scores.contiguous()
         out = torch.empty(h, k, dtype=torch.long)
@@ -146,7 +149,7 @@ def top_rows(values: torch.Tensor, k: int) -> torch.Tensor:
     h, n = values.shape
     if not 0 <= k <= n:
         raise ValueError(f"top_rows takes 0 <= k <= {n} (the values per row), got k={k}")
-    kernels = native_kernels() if values.device.type == "cpu" and values.dtype == torch.float32 else None
+    kernels = _kernels_for(values)
     if kernels is not None:
         values = values.contiguous()
         out = torch.empty(h, k, dtype=torch.long)

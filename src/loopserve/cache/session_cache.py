@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from ..attention.decode import view_indices
+
 
 _VIEW_SLACK = 128
 
@@ -194,9 +196,7 @@ class SessionLayer(CacheLayerMixin):
         """(H_kv, L) store indices the next decode step attends to, or None (all)."""
         if self._view_base is None:
             return None
-        h = self._view_base.shape[0]
-        tail = torch.arange(self._view_start, self.length, device=self.device).expand(h, -1)
-        return torch.cat([self._view_base, tail], dim=1)
+        return view_indices(self._view_base, self._view_start, self.length)
 
     # -- selection -------------------------------------------------------------------
     def set_view(self, idx: torch.Tensor, since: int | None = None) -> None:
@@ -219,7 +219,7 @@ class SessionLayer(CacheLayerMixin):
             self.view_len = L + self.length - end
             return
         if end < self.length:
-            idx = torch.cat([idx, torch.arange(end, self.length, device=self.device).expand(h, -1)], dim=1)
+            idx = view_indices(idx, end, self.length)
             L = idx.shape[1]
         # Leave room for the tokens decoded until the next selection: no regrowth per step.
         cap = L + _VIEW_SLACK

@@ -31,6 +31,7 @@ import torch
 
 from .base import DecodeMethod, register_decode
 from ..knobs import check_int_knob as _check_int
+from ..attention.decode import view_indices
 from .scoring import attention_scores, max_pool
 
 
@@ -90,8 +91,7 @@ class SnapKV(DecodeMethod):
             return None
         scores, w = observation_scores(q, layer, ctx, self.window, self.pool)
         prefix = self.choose(ctx, layer_idx, scores, budget - w)
-        win = torch.arange(n_total - w, n_total, device=prefix.device).expand(prefix.shape[0], w)
-        return torch.cat([prefix, win], dim=1)
+        return view_indices(prefix, n_total - w, n_total)  # and the observation window
 
     def observe_prefill(self, ctx, layer_idx, q, k) -> None:
         if ctx.q_start + q.shape[-2] < ctx.input_end:
